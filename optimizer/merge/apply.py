@@ -1,0 +1,76 @@
+"""Apply a MergePlan tensor by tensor: the loop every engine runs.
+
+Engines own the weights; this module only turns (base tensor, task vectors, plan) into merged
+tensors, one at a time, so an engine can stream layers and write each result straight into its
+model without holding a second merged copy.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from optimizer.merge._registry import MergeMethod, get_method
+from optimizer.merge.plan import MergePlan
+from optimizer.models import describe
+
+__all__ = ["task_vectors", "merge_tensor", "iter_merged", "merge_state_dict", "resolved_options"]
+
+
+def task_vectors(
+    base: Mapping[str, torch.Tensor], specialists: Sequence[Mapping[str, torch.Tensor]]
+) -> dict[str, list[torch.Tensor]]:
+    """τₘ = θₘ − θ₀ for every tensor, computed once per engine (never per trial)."""
+    return {name: [s[name] - b for s in specialists] for name, b in base.items()}
+
+
+def resolved_options(method: MergeMethod, plan: MergePlan) -> dict[str, object]:
+    """The method's defaults overlaid with the plan's options."""
+    return {**method.options, **plan.options}
+
+
+def _generator(plan: MergePlan, name: str) -> torch.Generator:
+    # Seeded by (plan seed, tensor name): the same plan always draws the same masks, whatever
+    # order the engine visits tensors in.
+    seed = int(plan.options.get("seed", 0))
+    gen = torch.Generator()
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return gen
+
+
+def merge_tensor(
+    plan: MergePlan,
+    name: str,
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    method: MergeMethod | None = None,
+    options: Mapping[str, object] | None = None,
+) -> torch.Tensor:
+    """The merged value of one tensor under ``plan``."""
+    method = method or get_method(plan.method)
+    options = options if options is not None else resolved_options(method, plan)
+    params = plan.for_tensor(describe(name))
+    return method.merge(base, deltas, params, options, _generator(plan, name))
+
+
+def iter_merged(
+    plan: MergePlan,
+    base: Mapping[str, torch.Tensor],
+    deltas: Mapping[str, Sequence[torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor)`` for every tensor of the base, in checkpoint order."""
+    method = get_method(plan.method)
+    options = resolved_options(method, plan)
+    for name, b in base.items():
+        yield name, merge_tensor(plan, name, b, deltas[name], method, options)
+
+
+def merge_state_dict(
+    plan: MergePlan,
+    base: Mapping[str, torch.Tensor],
+    deltas: Mapping[str, Sequence[torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """A whole merged state dict (for exports and tests; engines prefer ``iter_merged``)."""
+    return dict(iter_merged(plan, base, deltas))

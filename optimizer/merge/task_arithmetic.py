@@ -1,0 +1,41 @@
+"""Task arithmetic (Ilharco et al., ICLR 2023): W = θ₀ + Σₘ λₘ τₘ.
+
+The generalized form in :mod:`optimizer.merge._generalized` also covers this (no sparsification,
+no consensus); this file is the plain, fastest path because it is the method most studies start
+from and the one the merge-core benchmark measures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from optimizer.merge._registry import MergeMethod, register
+from optimizer.merge.plan import ModelParams
+
+
+def merge_task_arithmetic(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    params: Sequence[ModelParams],
+    options: Mapping[str, object],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    merged = base.clone()
+    scale = float(options.get("lambda", 1.0))
+    for p, tau in zip(params, deltas, strict=True):
+        if p.weight != 0.0:
+            merged.add_(tau, alpha=p.weight * scale)
+    return merged
+
+
+TASK_ARITHMETIC = register(
+    MergeMethod(
+        name="task_arithmetic",
+        merge=merge_task_arithmetic,
+        summary="base plus scaled task vectors (Ilharco et al., 2023)",
+        options={"lambda": 1.0},
+        mergekit="task_arithmetic",
+    )
+)
