@@ -8,7 +8,7 @@ with code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["MergeoptError", "ConfigError", "ModelError", "DataError"]
+__all__ = ["ConfigError", "DataError", "MergeoptError", "ModelError"]
 
 
 class MergeoptError(Exception):

@@ -19,15 +19,16 @@ import torch
 from optimizer.errors import ModelError
 
 __all__ = [
-    "TensorInfo",
     "KINDS",
+    "TensorInfo",
+    "check_compatible",
     "describe",
     "layer_key",
-    "num_layers",
     "load_config",
     "load_state_dict",
+    "num_layers",
+    "read_shapes",
     "weight_files",
-    "check_compatible",
 ]
 
 #: Module kinds a plan can address. ``embed`` is the token embedding, ``head`` the final norm
@@ -141,20 +142,49 @@ def load_state_dict(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict
     return state
 
 
+def read_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers alone: validation without loading weights."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable safetensors file ({exc}); re-export the model") from None
+    if load_config(model_dir).get("tie_word_embeddings") and "lm_head.weight" not in shapes:
+        for name in ("model.embed_tokens.weight", "embed_tokens.weight"):
+            if name in shapes:
+                shapes["lm_head.weight"] = shapes[name]
+    return shapes
+
+
+def _shape(x: torch.Tensor | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+
+
 def check_compatible(
-    base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], other_name: str
+    base: Mapping[str, torch.Tensor | tuple[int, ...]],
+    other: Mapping[str, torch.Tensor | tuple[int, ...]],
+    other_name: str,
 ) -> None:
-    """Refuse a specialist whose tensors differ from the base, naming the first offender."""
+    """Refuse a specialist whose tensors differ from the base, naming the first offender.
+
+    Takes tensors or bare shapes (from :func:`read_shapes`), so configs are checked before
+    any weight is loaded.
+    """
     for name, tensor in base.items():
         if name not in other:
             raise ModelError(
                 f"model {other_name!r} lacks tensor {name!r} that the base has; all models must be"
                 " fine-tunes of the same base architecture"
             )
-        if tuple(other[name].shape) != tuple(tensor.shape):
+        if _shape(other[name]) != _shape(tensor):
             raise ModelError(
-                f"model {other_name!r}: tensor {name!r} has shape {tuple(other[name].shape)}, the base"
-                f" has {tuple(tensor.shape)}; all models must be fine-tunes of the same base"
+                f"model {other_name!r}: tensor {name!r} has shape {_shape(other[name])}, the base"
+                f" has {_shape(tensor)}; all models must be fine-tunes of the same base"
             )
     extra = sorted(set(other) - set(base))
     if extra:

@@ -6,7 +6,13 @@ all so ``get_method(name)`` sees every built-in method.
 
 from __future__ import annotations
 
-from optimizer.merge import linear, task_arithmetic  # noqa: F401  (registration)
+from optimizer.merge import (  # noqa: F401  (registration)
+    breadcrumbs,
+    dare,
+    linear,
+    task_arithmetic,
+    ties,
+)
 from optimizer.merge._registry import MergeMethod, get_method, method_names, register
 from optimizer.merge.apply import iter_merged, merge_state_dict, merge_tensor, task_vectors
 from optimizer.merge.plan import MergePlan, ModelParams

@@ -15,7 +15,7 @@ import torch
 from optimizer.errors import ConfigError
 from optimizer.merge.plan import ModelParams
 
-__all__ = ["MergeFn", "MergeMethod", "register", "get_method", "method_names"]
+__all__ = ["MergeFn", "MergeMethod", "get_method", "method_names", "register"]
 
 #: ``merge(base, deltas, params, options, generator) -> merged tensor``.
 #: ``deltas[m]`` is specialist m's task vector τₘ = θₘ − θ₀ for this tensor and ``params[m]`` its

@@ -16,7 +16,7 @@ from optimizer.merge._registry import MergeMethod, get_method
 from optimizer.merge.plan import MergePlan
 from optimizer.models import describe
 
-__all__ = ["task_vectors", "merge_tensor", "iter_merged", "merge_state_dict", "resolved_options"]
+__all__ = ["iter_merged", "merge_state_dict", "merge_tensor", "resolved_options", "task_vectors"]
 
 
 def task_vectors(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from optimizer.models import TensorInfo, layer_key
 
-__all__ = ["ModelParams", "MergePlan", "scopes_for"]
+__all__ = ["MergePlan", "ModelParams", "scopes_for"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,142 @@
+"""Metrics: how a candidate is scored on a task's examples through an :class:`Engine`.
+
+Each metric issues one batched engine call per evaluation (one ``generate`` or one
+``loglikelihood`` over every example), because per-example calls would make scoring, not
+merging, the thing that caps trials per hour.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from optimizer.engines.base import Engine
+
+__all__ = ["METRICS", "ExactMatch", "GoldenNLL", "Metric", "MetricResult", "MultipleChoice", "make_metric"]
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """The aggregate score and each example's contribution (for parity checks and reports)."""
+
+    value: float
+    per_example: list[float]
+
+
+class Metric(ABC):
+    """A task's score. ``direction`` tells the study whether higher is better."""
+
+    name: str
+    direction: str = "maximize"
+    required_fields: tuple[str, ...] = ()
+
+    @abstractmethod
+    def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
+        """Score the engine's current weights on ``examples``."""
+
+
+def normalize_answer(text: str) -> str:
+    """Exact match compares stripped text: trailing spaces are not a skill."""
+    return text.strip()
+
+
+class ExactMatch(Metric):
+    """Greedy generation until a stop string; 1 if it equals the target, else 0."""
+
+    name = "exact_match"
+
+    def __init__(self, *, prompt_field: str, target_field: str, stop: Sequence[str], max_tokens: int):
+        self.prompt_field, self.target_field = prompt_field, target_field
+        self.stop, self.max_tokens = list(stop), max_tokens
+        self.required_fields = (prompt_field, target_field)
+
+    def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
+        prompts = [str(ex[self.prompt_field]) for ex in examples]
+        outputs = engine.generate(prompts, max_tokens=self.max_tokens, stop=self.stop)
+        hits = [
+            float(normalize_answer(out) == normalize_answer(str(ex[self.target_field])))
+            for out, ex in zip(outputs, examples, strict=True)
+        ]
+        return MetricResult(sum(hits) / len(hits), hits)
+
+
+class MultipleChoice(Metric):
+    """lm-eval's ``acc``: the choice with the highest summed log-likelihood wins.
+
+    The target is the index of the right choice, or its text. Choices are scored as
+    continuations of the prompt with a leading space, as lm-eval's templates do.
+    """
+
+    name = "mc_loglik"
+
+    def __init__(self, *, prompt_field: str, target_field: str, choices_field: str):
+        self.prompt_field, self.target_field, self.choices_field = prompt_field, target_field, choices_field
+        self.required_fields = (prompt_field, target_field, choices_field)
+
+    def _gold(self, ex: dict) -> int:
+        target, choices = ex[self.target_field], list(ex[self.choices_field])
+        if isinstance(target, int):
+            return target
+        return choices.index(str(target)) if str(target) in choices else int(target)
+
+    def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
+        requests, owners = [], []
+        for i, ex in enumerate(examples):
+            for choice in ex[self.choices_field]:
+                requests.append((str(ex[self.prompt_field]), " " + str(choice)))
+                owners.append(i)
+        lls = engine.loglikelihood(requests)
+        best: dict[int, tuple[float, int]] = {}
+        counters: dict[int, int] = {}
+        for owner, ll in zip(owners, lls, strict=True):
+            k = counters.get(owner, 0)
+            counters[owner] = k + 1
+            if owner not in best or ll.logprob > best[owner][0]:
+                best[owner] = (ll.logprob, k)
+        hits = [float(best[i][1] == self._gold(ex)) for i, ex in enumerate(examples)]
+        return MetricResult(sum(hits) / len(hits), hits)
+
+
+class GoldenNLL(Metric):
+    """Mean per-token negative log-likelihood of given responses (golden data); lower is better."""
+
+    name = "nll"
+    direction = "minimize"
+
+    def __init__(self, *, prompt_field: str, target_field: str):
+        self.prompt_field, self.target_field = prompt_field, target_field
+        self.required_fields = (prompt_field, target_field)
+
+    def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
+        requests = [(str(ex[self.prompt_field]), str(ex[self.target_field])) for ex in examples]
+        lls = engine.loglikelihood(requests)
+        per = [-ll.logprob / max(ll.num_tokens, 1) for ll in lls]
+        total_tokens = sum(ll.num_tokens for ll in lls)
+        value = -sum(ll.logprob for ll in lls) / max(total_tokens, 1)
+        return MetricResult(value if math.isfinite(value) else math.inf, per)
+
+
+METRICS = ("exact_match", "mc_loglik", "nll")
+
+
+def make_metric(
+    name: str,
+    *,
+    prompt_field: str = "prompt",
+    target_field: str = "target",
+    choices_field: str = "choices",
+    stop: Sequence[str] = ("\n",),
+    max_tokens: int = 32,
+) -> Metric:
+    """The metric called ``name`` (the config has already restricted it to :data:`METRICS`)."""
+    if name == "exact_match":
+        return ExactMatch(prompt_field=prompt_field, target_field=target_field, stop=stop, max_tokens=max_tokens)
+    if name == "mc_loglik":
+        return MultipleChoice(prompt_field=prompt_field, target_field=target_field, choices_field=choices_field)
+    if name == "nll":
+        return GoldenNLL(prompt_field=prompt_field, target_field=target_field)
+    from optimizer.errors import ConfigError
+
+    raise ConfigError(f"unknown metric {name!r}; choose one of: {', '.join(METRICS)}")

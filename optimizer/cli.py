@@ -1,0 +1,250 @@
+"""The ``mergeopt`` command line.
+
+Commands import their heavy dependencies (torch, transformers, optuna) only when they run, so
+``mergeopt --help`` is instant. Every user mistake surfaces as a :class:`MergeoptError` and is
+printed here as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from optimizer.errors import MergeoptError
+
+app = typer.Typer(
+    name="mergeopt",
+    help="Search merge coefficients of fine-tuned LLMs with Optuna, merging inside the engine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="The embedded model zoo: a tiny base and specialists trained here.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+StudyArg = Annotated[
+    str, typer.Argument(help="study folder (studies/NAME), its study.db, or an Optuna storage URL")
+]
+NameOpt = Annotated[str | None, typer.Option("--name", help="study name, if the storage holds several")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _storage_url(study: str) -> str:
+    """Accept what users naturally type: a folder, a .db file, or a full URL."""
+    if "://" in study:
+        return study
+    path = Path(study)
+    if path.is_dir():
+        path = path / "study.db"
+    if not path.is_file():
+        raise MergeoptError(f"no study at {study!r}; give the study folder (e.g. studies/demo) or a storage URL")
+    return f"sqlite:///{path.resolve()}"
+
+
+def _open(study: str, name: str | None):
+    from optimizer.search.prepare import prepare
+    from optimizer.search.study import load_study, study_config
+
+    st = load_study(_storage_url(study), name)
+    return st, prepare(study_config(st))
+
+
+def _engine_factory(prepared):
+    from optimizer.engines import make_engine
+
+    cfg = prepared.config
+    return lambda: make_engine(cfg.engine, prepared.models, device=cfg.device, dtype=cfg.dtype)
+
+
+def _search(config_path: Path, trials: int | None) -> None:
+    from optimizer.config import load_config
+    from optimizer.search.prepare import prepare
+    from optimizer.search.progress import SearchProgress
+    from optimizer.search.study import count_complete, open_study, run_trials
+
+    console = _console()
+    config = load_config(config_path)
+    prepared = prepare(config)  # everything is checked before the study file exists
+    target = trials if trials is not None else config.search.trials
+    study = open_study(prepared)
+    done = count_complete(study)
+    console.print(
+        f"study [bold]{config.name}[/] at {config.storage_url()}: {done} complete, target {target}"
+        f" ({len(prepared.space.distributions())} parameters, method {config.method}, engine {config.engine})"
+    )
+    if done < target:
+        engine = _engine_factory(prepared)()
+        try:
+            with SearchProgress(study, target) as progress:
+                run_trials(prepared, study, engine, target, callbacks=[progress])
+        except KeyboardInterrupt:
+            console.print(
+                f"\ninterrupted: completed trials are saved. Resume with: mergeopt search {config_path}"
+            )
+            raise typer.Exit(130) from None
+        finally:
+            engine.close()
+    _print_front(study, prepared, held_out=False)
+
+
+def _print_front(study, prepared, *, held_out: bool) -> None:
+    from rich.table import Table
+
+    from optimizer.search.pareto import front_members, front_trials
+
+    console = _console()
+    names = study.metric_names or [t.name for t in prepared.tasks]
+    table = Table(title=f"Pareto front of {study.study_name} ({len(study.best_trials)} trials)")
+    table.add_column("trial", justify="right")
+    table.add_column("baseline")
+    for n in names:
+        table.add_column(f"{n} search", justify="right")
+    if held_out:
+        for n in names:
+            table.add_column(f"{n} held-out", justify="right")
+        for m in front_members(study, prepared, _engine_factory(prepared)):
+            table.add_row(
+                str(m.number), m.label, *(f"{m.search[n]:.3f}" for n in names),
+                *(f"{m.held_out[n]:.3f}" for n in names),
+            )
+    else:
+        for t in front_trials(study):
+            table.add_row(str(t.number), str(t.user_attrs.get("baseline", "")), *(f"{v:.3f}" for v in t.values))
+    console.print(table)
+
+
+@app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="study config (YAML)")],
+    trials: Annotated[int | None, typer.Option(help="total COMPLETE trials to reach (default: config)")] = None,
+) -> None:
+    """Run a study, or resume it, until it holds the requested number of complete trials."""
+    if trials is not None and trials <= 0:
+        raise MergeoptError(f"--trials {trials}: the trial count must be a positive number")
+    _search(config, trials)
+
+
+@app.command()
+def pareto(study: StudyArg, name: NameOpt = None) -> None:
+    """Show the Pareto front across tasks, with held-out scores of its members."""
+    st, prepared = _open(study, name)
+    _print_front(st, prepared, held_out=True)
+
+
+@app.command()
+def export(
+    study: StudyArg,
+    trial: Annotated[int, typer.Option(help="trial number to export")],
+    out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
+    name: NameOpt = None,
+) -> None:
+    """Write a trial's merged model as a transformers (safetensors) directory."""
+    from optimizer.export import export_trial
+    from optimizer.search.study import load_study, study_config
+
+    st = load_study(_storage_url(study), name)
+    path = export_trial(st, study_config(st), trial, out)
+    _console().print(f"exported trial {trial} to {path}")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out: Annotated[Path | None, typer.Option(help="zoo folder (default: the shared cache)")] = None,
+    seed: int = 0,
+    force: Annotated[bool, typer.Option(help="rebuild even if a complete zoo is cached")] = False,
+) -> None:
+    """Train (or load from cache) the tiny base model and its specialists."""
+    from optimizer.zoo import build_zoo, default_zoo_dir
+
+    console = _console()
+    target = out or default_zoo_dir(seed=seed)
+    info = build_zoo(target, seed=seed, force=force, log=lambda line: console.print(line, highlight=False))
+    _print_zoo(info, target)
+
+
+def _print_zoo(info: dict, path: Path) -> None:
+    from rich.table import Table
+
+    scores = info["scores"]
+    tasks = list(info["tasks"])
+    table = Table(title=f"model zoo at {path} (held-out exact match)")
+    table.add_column("model")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    for row_name, row in scores.items():
+        if isinstance(row, dict) and all(isinstance(row.get(t), (int, float)) for t in tasks):
+            table.add_row(row_name, *(f"{row[t]:.2f}" for t in tasks))
+        elif isinstance(row, dict):
+            for sub, values in row.items():
+                if isinstance(values, dict):
+                    table.add_row(f"{row_name}:{sub}", *(f"{values.get(t, float('nan')):.2f}" for t in tasks))
+    _console().print(table)
+
+
+def _demo_config_path() -> Path:
+    path = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    if not path.is_file():
+        raise MergeoptError(f"demo config not found at {path}; run the demo from a mergeopt checkout")
+    return path
+
+
+@app.command()
+def demo(trials: Annotated[int | None, typer.Option(help="total trials (default: the demo config's)")] = None) -> None:
+    """Build the zoo, search merges of its specialists, show the front and export a balanced member."""
+    from optimizer.zoo import build_zoo, default_zoo_dir
+
+    console = _console()
+    zoo_dir = default_zoo_dir()
+    info = build_zoo(zoo_dir, log=lambda line: console.print(line, highlight=False))
+    _print_zoo(info, zoo_dir)
+    config_path = _demo_config_path()
+    _search(config_path, trials)
+    _demo_export(config_path)
+
+
+def _demo_export(config_path: Path) -> None:
+    from optimizer.config import load_config
+    from optimizer.export import export_trial
+    from optimizer.search.pareto import front_members
+    from optimizer.search.prepare import prepare
+    from optimizer.search.study import load_study
+
+    console = _console()
+    config = load_config(config_path)
+    study = load_study(config.storage_url(), config.name)
+    prepared = prepare(config)
+    members = front_members(study, prepared, _engine_factory(prepared))
+    names = [t.name for t in prepared.tasks]
+    _print_front(study, prepared, held_out=True)
+    # The balanced choice: the member whose worst held-out task is best (maximin).
+    best = max(members, key=lambda m: min(m.held_out[n] for n in names))
+    out = Path("studies") / config.name / f"export-trial-{best.number}"
+    if out.exists():
+        console.print(f"balanced member: trial {best.number}, already exported at {out}")
+    else:
+        export_trial(study, config, best.number, out)
+        console.print(f"balanced member: trial {best.number} exported to {out}")
+    console.print(
+        f"next: mergeopt pareto studies/{config.name}  |  mergeopt export studies/{config.name} --trial N --out DIR"
+    )
+
+
+def main() -> None:
+    """Console entry point: user errors → one line on stderr, exit code 2."""
+    try:
+        app()
+    except MergeoptError as exc:
+        print(f"mergeopt: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The study config: one YAML file, validated once, before anything is written.
+
+Paths in the file are relative to the file itself; ``zoo:`` paths point into the embedded model
+zoo (``zoo:base``, ``zoo:specialists/rev``, ``zoo:tasks/rev``), so the demo config runs anywhere.
+Every validation failure becomes one :class:`ConfigError` line that names the field, the value
+and the fix; pydantic's multi-line reports never reach the user.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from optimizer.errors import ConfigError
+
+__all__ = [
+    "Bounds",
+    "ObjectiveConfig",
+    "SearchConfig",
+    "StudyConfig",
+    "config_from_dict",
+    "load_config",
+    "resolve_path",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Bounds(_Strict):
+    """Search range of one coefficient kind."""
+
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}; swap them")
+        return self
+
+
+class ObjectiveConfig(_Strict):
+    """One task: its data, its metric, and how to read its examples."""
+
+    name: str
+    data: str
+    metric: Literal["exact_match", "mc_loglik", "nll"]
+    search_split: str = "search"
+    held_out_split: str = "held_out"
+    prompt_field: str = "prompt"
+    target_field: str = "target"
+    choices_field: str = "choices"
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    max_tokens: int = Field(default=32, gt=0)
+    limit: int | None = Field(default=None, gt=0, description="use at most this many search examples")
+    held_out_limit: int | None = Field(default=None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid objective name; use letters, digits, '_' or '-'")
+        return v
+
+
+class SearchConfig(_Strict):
+    """How the study searches: budget, sampler, baselines."""
+
+    trials: int = Field(default=40, gt=0)
+    sampler: Literal["tpe", "random", "nsga2", "gp"] = "tpe"
+    seed: int = 0
+    baselines: bool = True
+    max_consecutive_failures: int = Field(default=5, gt=0)
+
+
+class StudyConfig(_Strict):
+    """Everything a study needs; stored in the study so workers and exports need nothing else."""
+
+    name: str
+    base: str
+    models: dict[str, str]
+    method: str = "ties"
+    granularity: Literal["model", "layer", "group"] = "model"
+    group_size: int = Field(default=2, gt=0)
+    split_modules: bool = False
+    weight: Bounds = Bounds(low=0.0, high=1.0)
+    density: Bounds = Bounds(low=0.1, high=1.0)
+    options: dict[str, float | int | bool] = Field(default_factory=dict)
+    objectives: list[ObjectiveConfig]
+    search: SearchConfig = SearchConfig()
+    storage: str | None = None
+    engine: Literal["hf", "vllm"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Directory the relative paths above are resolved against (the config file's folder).
+    root: str = "."
+
+    @field_validator("name")
+    @classmethod
+    def _study_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid study name; use letters, digits, '_' or '-'")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("no specialist models given; list at least one under 'models'")
+        for name in v:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"model name {name!r} is not valid; use letters, digits, '_' or '-'")
+        return v
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: Bounds) -> Bounds:
+        if not (0.0 < v.low <= 1.0 and 0.0 < v.high <= 1.0):
+            raise ValueError(f"density range [{v.low}, {v.high}] must lie in (0, 1]")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[ObjectiveConfig]) -> list[ObjectiveConfig]:
+        if not v:
+            raise ValueError("no objectives given; add at least one task under 'objectives'")
+        seen: set[str] = set()
+        for obj in v:
+            if obj.name in seen:
+                raise ValueError(f"objective name {obj.name!r} appears twice; objective names must be unique")
+            seen.add(obj.name)
+        return v
+
+    # -- derived -------------------------------------------------------------------------------
+    def path(self, value: str) -> Path:
+        """Resolve a path from this config (relative to its file, or into the zoo)."""
+        return resolve_path(value, Path(self.root))
+
+    def storage_url(self) -> str:
+        """The Optuna storage URL; SQLite under ``studies/<name>/`` unless the config names one."""
+        if self.storage:
+            return self.storage
+        db = Path("studies") / self.name / "study.db"
+        return f"sqlite:///{db.resolve()}"
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def resolve_path(value: str, root: Path) -> Path:
+    """``zoo:rel`` → inside the embedded zoo; relative paths → against ``root``."""
+    if value.startswith("zoo:"):
+        from optimizer.zoo import default_zoo_dir
+
+        return (default_zoo_dir() / value[4:]).resolve()
+    p = Path(value).expanduser()
+    return (p if p.is_absolute() else root / p).resolve()
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; check its spelling against configs/demo.yaml"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif err["type"] == "literal_error":
+        msg = f"{err.get('input')!r} is not allowed: {msg}"
+    return f"{source}: {where}: {msg}"
+
+
+def config_from_dict(data: object, source: str = "config", root: Path | None = None) -> StudyConfig:
+    """Validate a parsed config; errors become one ConfigError line."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    if root is not None:
+        data = {**data, "root": str(root)}
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+    from optimizer.merge import get_method
+
+    get_method(config.method)  # unknown method → ConfigError listing the valid ones
+    return config
+
+
+def load_config(path: Path) -> StudyConfig:
+    """Read and validate a YAML (or JSON) config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    return config_from_dict(data, source=str(path), root=path.resolve().parent)
+
+
+def config_from_json(text: str) -> StudyConfig:
+    """Rebuild a config stored in a study's user attrs."""
+    return StudyConfig.model_validate(json.loads(text))

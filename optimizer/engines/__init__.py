@@ -1,0 +1,22 @@
+"""Engines own the weights: they merge a plan in place and score requests.
+
+``make_engine`` is the one place that maps a config's ``engine`` name to a class, importing the
+heavy backend only when it is chosen.
+"""
+
+from __future__ import annotations
+
+from optimizer.engines.base import Engine, LogLikelihood, ModelSet, encode_pair
+
+__all__ = ["Engine", "LogLikelihood", "ModelSet", "encode_pair", "make_engine"]
+
+
+def make_engine(kind: str, models: ModelSet, *, device: str = "cpu", dtype: str = "float32") -> Engine:
+    """Start the engine called ``kind`` on ``models`` (slow: do it once per process)."""
+    if kind == "hf":
+        from optimizer.engines.hf_engine import HFEngine
+
+        return HFEngine(models, device=device, dtype=dtype)
+    from optimizer.errors import ConfigError
+
+    raise ConfigError(f"engine {kind!r} is not available in this build; use 'hf'")

@@ -1,0 +1,83 @@
+"""The engine interface: what scoring needs from whatever holds the weights.
+
+Call order, once per worker process::
+
+    engine = SomeEngine(models, ...)      # loads base + task vectors once; slow, never per trial
+    engine.apply_plan(plan)               # merge in place; cheap, once per trial
+    engine.generate(...) / engine.loglikelihood(...)   # any number of times
+    ...next apply_plan...
+    engine.close()
+
+Requests are plain strings and the engine tokenizes them with :func:`encode_pair`, so two
+engines (transformers, vLLM) score the very same token ids and can be checked against each other.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from optimizer.merge.plan import MergePlan
+
+__all__ = ["Engine", "LogLikelihood", "ModelSet", "encode_pair"]
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The models a study merges: the base and the specialists, by name, in a fixed order."""
+
+    base: Path
+    specialists: Mapping[str, Path]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.specialists)
+
+
+@dataclass(frozen=True, slots=True)
+class LogLikelihood:
+    """Log-likelihood of a continuation given its context (lm-eval's ``loglikelihood``)."""
+
+    logprob: float  # Σ log p(continuation token | prefix), natural log
+    num_tokens: int
+    is_greedy: bool  # every continuation token was the argmax
+
+
+def encode_pair(tokenizer: object, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context (with the tokenizer's special prefix) and continuation (without).
+
+    Tokenizing the two separately (not the concatenation) keeps the continuation's tokens the
+    same whatever the context, which is what a golden-response NLL must compare across models.
+    """
+    ctx = tokenizer(context, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    return list(ctx), list(cont)
+
+
+class Engine(ABC):
+    """Owns a model's weights; merges plans into them and scores requests."""
+
+    models: ModelSet
+
+    @abstractmethod
+    def apply_plan(self, plan: MergePlan) -> None:
+        """Write the merged weights of ``plan`` into the live model (replacing the previous plan)."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str]) -> list[str]:
+        """Greedy completions, each cut before the first stop string."""
+
+    @abstractmethod
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
+        """Score each ``(context, continuation)`` under the current weights."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release the engine's resources; the default has none to release."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

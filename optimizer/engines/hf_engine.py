@@ -1,0 +1,109 @@
+"""The transformers engine: the reference every faster engine is checked against.
+
+It holds the base weights and the task vectors in memory once, and each ``apply_plan`` writes
+merged tensors straight into the live ``nn.Parameter`` storage: no checkpoint, no reload.
+Scoring is plain PyTorch (batched greedy decoding, teacher-forced log-likelihoods), slow but
+simple enough to trust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from optimizer.engines.base import Engine, LogLikelihood, ModelSet, encode_pair
+from optimizer.merge.apply import iter_merged, task_vectors
+from optimizer.merge.plan import MergePlan
+from optimizer.models import check_compatible, load_state_dict
+
+__all__ = ["HFEngine"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFEngine(Engine):
+    """Merge-in-place and scoring with a transformers causal LM."""
+
+    def __init__(self, models: ModelSet, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.models = models
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        torch_dtype = _DTYPES[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(models.base))
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(str(models.base), dtype=torch_dtype)
+        self.model.to(self.device).eval()
+        # Tied weights appear once in named_parameters; merging only those keeps a tied head
+        # governed by the embedding's coefficients instead of being written twice.
+        self._params = dict(self.model.named_parameters())
+        base = load_state_dict(models.base)
+        specialists = []
+        for name, path in models.specialists.items():
+            state = load_state_dict(path)
+            check_compatible(base, state, name)
+            specialists.append(state)
+        self._base = {k: v.to(self.device, torch_dtype) for k, v in base.items() if k in self._params}
+        self._deltas = task_vectors(self._base, [{k: s[k].to(self.device, torch_dtype) for k in self._base}
+                                                 for s in specialists])
+
+    @torch.no_grad()
+    def apply_plan(self, plan: MergePlan) -> None:
+        if tuple(plan.models) != self.models.names:
+            raise ValueError(f"plan is for models {plan.models}, engine holds {self.models.names}")
+        for name, merged in iter_merged(plan, self._base, self._deltas):
+            self._params[name].copy_(merged)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str]) -> list[str]:
+        from optimizer.engines._hf_generate import greedy_generate
+
+        outputs = greedy_generate(
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            max_new_tokens=max_tokens,
+            # One stop string lets decoding end early; several are cut afterwards.
+            stop=stop[0] if len(stop) == 1 else None,
+            batch_size=self.batch_size,
+        )
+        return [_cut_at_stop(text, stop) for text in outputs]
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
+        encoded = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
+        results: list[LogLikelihood] = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(encoded), self.batch_size):
+            batch = encoded[start : start + self.batch_size]
+            seqs = [ctx + cont for ctx, cont in batch]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, s in enumerate(seqs):  # right padding: positions stay 0..n-1 as in vLLM
+                ids[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            for i, (ctx, cont) in enumerate(batch):
+                # token t is predicted by position t-1
+                pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+                target = torch.tensor(cont)
+                row = logprobs[i, pos]  # (len(cont), V)
+                lp = row.gather(1, target[:, None].to(row.device)).sum().item()
+                greedy = bool((row.argmax(-1).cpu() == target).all())
+                results.append(LogLikelihood(lp, len(cont), greedy))
+        return results
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut a completion before the earliest stop string."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
