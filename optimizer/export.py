@@ -61,8 +61,6 @@ def write_model_dir(out: Path, base_dir: Path, state: dict[str, torch.Tensor], e
                 shutil.copy2(item, tmp / item.name)
         config = load_config(base_dir)
         dtype = _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
-        if config.get("tie_word_embeddings"):
-            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "mergeopt.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")

@@ -82,8 +82,6 @@ def plan_to_mergekit(
             f" ({', '.join(plan.models)})"
         )
     _check_scopes(plan, num_layers)
-    if _ties_head_to_embed([base_path, *(model_paths[m] for m in plan.models)]):
-        _check_tied_head(plan, num_layers)
 
     if method.mergekit == "linear" and resolved_options(method, plan).get("normalize"):
         _check_linear_total(plan, num_layers)
@@ -150,40 +148,6 @@ def _check_scopes(plan: MergePlan, num_layers: int) -> None:
                     f"plan scope {scope!r} names layer {int(m.group(1))} but num_layers is"
                     f" {num_layers}; pass the model's real depth"
                 )
-
-
-def _ties_head_to_embed(model_dirs: list[Path]) -> bool:
-    """Whether mergekit will write no ``lm_head`` (none of the inputs stores one).
-
-    mergekit treats ``lm_head`` as optional and skips it when no input has it, so a tied model
-    comes out tied: its head *is* the merged embedding. Directories that cannot be read here
-    (an export for another machine) are assumed untied.
-    """
-    from safetensors import safe_open
-
-    for model_dir in model_dirs:
-        files = sorted(Path(model_dir).glob("*.safetensors"))
-        if not files:
-            return False
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                if "lm_head.weight" in f.keys():  # noqa: SIM118  (safe_open is not a dict)
-                    return False
-    return True
-
-
-def _check_tied_head(plan: MergePlan, num_layers: int) -> None:
-    # We merge a tied lm_head as its own tensor (optimizer.models makes it explicit); mergekit
-    # cannot, so the export is only faithful when head and embed get the same values.
-    for model in plan.models:
-        table = _resolve_groups(plan, model, num_layers)
-        if table[(None, "head")] != table[(None, "embed")]:
-            raise ConfigError(
-                f"the models tie lm_head to embed_tokens, and mergekit writes one tensor for both,"
-                f" but the plan gives {model!r} head {table[(None, 'head')]} and embed"
-                f" {table[(None, 'embed')]}; use the same values for {model}.head and"
-                f" {model}.embed to export it"
-            )
 
 
 def _check_linear_total(plan: MergePlan, num_layers: int) -> None:

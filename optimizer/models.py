@@ -121,7 +121,11 @@ def load_config(model_dir: Path) -> dict:
 
 
 def load_state_dict(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory, cast to ``dtype``, with tied weights made explicit."""
+    """All tensors of a model directory, cast to ``dtype``.
+
+    A tied head is not a tensor of its own (the embedding is the head), exactly as the checkpoint,
+    vLLM's loader and mergekit see it: merging the embedding merges the head.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -133,12 +137,8 @@ def load_state_dict(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict
             raise ModelError(f"{path}: not a readable safetensors file ({exc}); re-export the model") from None
         for name, tensor in shard.items():
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    config = load_config(model_dir)
-    # Tied embeddings are stored once; a merge must still treat the head as its own tensor.
-    if config.get("tie_word_embeddings") and "lm_head.weight" not in state:
-        for name in ("model.embed_tokens.weight", "embed_tokens.weight"):
-            if name in state:
-                state["lm_head.weight"] = state[name]
+    if load_config(model_dir).get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # some exporters store the tied copy too
     return state
 
 
@@ -154,10 +154,8 @@ def read_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelError(f"{path}: not a readable safetensors file ({exc}); re-export the model") from None
-    if load_config(model_dir).get("tie_word_embeddings") and "lm_head.weight" not in shapes:
-        for name in ("model.embed_tokens.weight", "embed_tokens.weight"):
-            if name in shapes:
-                shapes["lm_head.weight"] = shapes[name]
+    if load_config(model_dir).get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)
     return shapes
 
 

@@ -169,11 +169,12 @@ def qwen_tied(tmp_path_factory):
     return build_tiny_models(tmp_path_factory.mktemp("tied"), names=("math",), family="qwen2", tie_word_embeddings=True)
 
 
-def test_tied_embeddings_are_made_explicit(qwen_tied):
+def test_tied_head_is_the_embedding(qwen_tied):
     on_disk = load_file(str(qwen_tied.base / "model.safetensors"))
     assert "lm_head.weight" not in on_disk  # stored once...
     state = load_state_dict(qwen_tied.base)
-    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])  # ...merged as two
+    assert "lm_head.weight" not in state  # ...and merged once, as vLLM and mergekit load it
+    assert "model.embed_tokens.weight" in state
     assert describe("lm_head.weight").kind == "head"
     assert "model.layers.0.self_attn.q_proj.bias" in state
 
@@ -194,7 +195,7 @@ def test_load_state_dict_casts_floating_tensors(qwen_tied):
 def test_read_shapes_agrees_with_loading_and_feeds_check_compatible(qwen_tied, variants):
     shapes = read_shapes(qwen_tied.base)
     state = load_state_dict(qwen_tied.base)
-    assert shapes == {name: tuple(t.shape) for name, t in state.items()}  # tied head included
+    assert shapes == {name: tuple(t.shape) for name, t in state.items()}  # no separate tied head
     tiny = variants["shape_mismatch"]
     base = read_shapes(tiny.base)
     check_compatible(base, read_shapes(tiny.specialists["math"]), "math")
