@@ -70,6 +70,9 @@ def _search(config_path: Path, trials: int | None) -> None:
     from optimizer.search.progress import SearchProgress
     from optimizer.search.study import count_complete, open_study, run_trials
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress line replaces Optuna's per-trial log
     console = _console()
     config = load_config(config_path)
     prepared = prepare(config)  # everything is checked before the study file exists

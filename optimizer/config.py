@@ -98,9 +98,9 @@ class StudyConfig(_Strict):
     objectives: list[ObjectiveConfig]
     search: SearchConfig = SearchConfig()
     storage: str | None = None
-    engine: Literal["hf", "vllm"] = "hf"
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: Literal["vllm", "hf"] = "vllm"
+    device: str = "auto"  # hf engine only; vLLM picks its own platform
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bf16 on GPU
     # Directory the relative paths above are resolved against (the config file's folder).
     root: str = "."
 

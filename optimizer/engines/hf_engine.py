@@ -25,10 +25,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class HFEngine(Engine):
     """Merge-in-place and scoring with a transformers causal LM."""
 
-    def __init__(self, models: ModelSet, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64):
+    def __init__(self, models: ModelSet, *, device: str = "auto", dtype: str = "auto", batch_size: int = 64):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one engine start is not worth a progress bar in a study log
         self.models = models
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":  # float32 on CPU: bf16 matmuls are several times slower on AVX2 CPUs
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
         self.device = torch.device(device)
         self.batch_size = batch_size
         torch_dtype = _DTYPES[dtype]

@@ -78,4 +78,5 @@ class SearchProgress:
             f"trial {trial.number} [{what}] {state} | {done}/{self.target} done | {text} | eta {eta:.0f}s",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )

@@ -7,6 +7,7 @@ same parameters and labels by Optuna's own retry callback, so a killed search lo
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -35,12 +36,15 @@ def make_storage(url: str, *, create: bool = True) -> optuna.storages.BaseStorag
     elif not url.startswith(("postgresql", "mysql")):
         raise ConfigError(f"storage URL {url!r} is not supported; use sqlite:///PATH or postgresql://...")
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"connect_args": {"timeout": 60}} if db is not None else {},
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
+        with warnings.catch_warnings():
+            # Heartbeats have been "experimental" since Optuna 2.8; they are what we rely on.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"connect_args": {"timeout": 60}} if db is not None else {},
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
     except Exception as exc:  # sqlalchemy raises many kinds for an unreachable server
         raise ConfigError(f"cannot open storage {url!r}: {type(exc).__name__}: {exc}".splitlines()[0]) from None

@@ -1,0 +1,210 @@
+"""What a candidate costs: merge in place inside vLLM versus the reload-per-candidate practice.
+
+For each model (the zoo's, and a random ≥100M-parameter model of the same family) this measures,
+in one run on one machine:
+
+- ``merge``: ``VLLMEngine.apply_plan`` (merge core + vLLM's in-place reload + prefix-cache reset),
+  median of several plans;
+- ``reload``: what tools without in-engine merging do per candidate — write the merged
+  checkpoint, start a new vLLM ``LLM`` on it, score once — for one candidate;
+- ``copy_floor``: the bytes a merge must move (read base + N task vectors, write the result)
+  over this machine's measured copy bandwidth: the memory-bound floor of any merge.
+
+It also runs a short zoo study with the vLLM engine and reports the share of trial wall time
+spent scoring (trial user attrs ``seconds``). Results go to ``benchmarks/results/trial_overhead.json``.
+
+    .venv/bin/python benchmarks/trial_overhead.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from optimizer.engines.base import ModelSet  # noqa: E402
+from optimizer.merge import MergePlan, ModelParams, merge_state_dict, task_vectors  # noqa: E402
+from optimizer.models import load_state_dict  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-``repeats`` read+write bandwidth of a plain tensor copy (GB/s, bytes read + written)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def random_family_model(root: Path, *, hidden: int, layers: int, vocab: int, n_specialists: int) -> ModelSet:
+    """A random Llama of the zoo's family at a chosen size, plus specialists = base + small deltas."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optimizer.zoo._tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        head_dim=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    names = {}
+    for i in range(n_specialists):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+        model.save_pretrained(root / f"s{i}")
+        tokenizer.save_pretrained(root / f"s{i}")
+        names[f"s{i}"] = root / f"s{i}"
+    return ModelSet(root / "base", names)
+
+
+def plans(models: tuple[str, ...], n: int) -> list[MergePlan]:
+    return [
+        MergePlan("task_arithmetic", models, {m: ModelParams(0.3 + 0.1 * ((i + j) % 7)) for j, m in enumerate(models)})
+        for i in range(n)
+    ]
+
+
+def measure(models: ModelSet, prompts: list[str], n_plans: int) -> dict:
+    from optimizer.engines.vllm_engine import VLLMEngine
+    from optimizer.export import write_model_dir
+
+    base = load_state_dict(models.base)
+    n_params = sum(t.numel() for t in base.values())
+    t0 = time.perf_counter()
+    engine = VLLMEngine(models)
+    start_s = time.perf_counter() - t0
+    merge_times, rpc_inner = [], []
+    for plan in plans(models.names, n_plans):
+        t = time.perf_counter()
+        engine.apply_plan(plan)
+        merge_times.append(time.perf_counter() - t)
+        rpc_inner.append(engine.last_merge_seconds)
+    t = time.perf_counter()
+    engine.generate(prompts, max_tokens=8, stop=["\n"])
+    score_s = time.perf_counter() - t
+    engine.close()
+
+    # Reload per candidate: write the merged checkpoint, start a new LLM on it, score once.
+    plan = plans(models.names, 1)[0]
+    deltas = task_vectors(base, [load_state_dict(p) for p in models.specialists.values()])
+    with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
+        t = time.perf_counter()
+        merged = merge_state_dict(plan, base, deltas)
+        out = write_model_dir(Path(tmp) / "cand", models.base, merged, {})
+        fresh = VLLMEngine(ModelSet(out, {}))
+        fresh.generate(prompts, max_tokens=8, stop=["\n"])
+        reload_s = time.perf_counter() - t
+        fresh.close()
+
+    bytes_moved = sum(t.numel() * 4 for t in base.values()) * (len(models.names) + 2)  # read base+N, write 1
+    merge_med = statistics.median(merge_times)
+    return {
+        "parameters": n_params,
+        "specialists": len(models.names),
+        "engine_start_s": round(start_s, 2),
+        "merge_s_median": round(merge_med, 5),
+        "merge_s_all": [round(x, 5) for x in merge_times],
+        "merge_inside_worker_s_median": round(statistics.median(rpc_inner), 5),
+        "score_once_s": round(score_s, 4),
+        "reload_per_candidate_s": round(reload_s, 2),
+        "speedup_vs_reload": round(reload_s / merge_med, 1),
+        "bytes_moved_per_merge": bytes_moved,
+    }
+
+
+def zoo_study_share(trials: int) -> dict:
+    """Share of trial wall time spent scoring in a short vLLM zoo study."""
+    import optuna
+
+    from optimizer.config import load_config
+    from optimizer.engines import make_engine
+    from optimizer.search.prepare import prepare
+    from optimizer.search.study import open_study, run_trials
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
+        config = config.model_copy(update={"name": "bench", "storage": f"sqlite:///{tmp}/bench.db", "engine": "vllm"})
+        prepared = prepare(config)
+        study = open_study(prepared)
+        engine = make_engine("vllm", prepared.models)
+        try:
+            run_trials(prepared, study, engine, trials)
+        finally:
+            engine.close()
+        done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        merge = sum(t.user_attrs["seconds"]["merge"] for t in done)
+        score = sum(t.user_attrs["seconds"]["score"] for t in done)
+        wall = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+    return {
+        "trials": len(done),
+        "merge_s": round(merge, 3),
+        "score_s": round(score, 3),
+        "trial_wall_s": round(wall, 3),
+        "score_share_of_wall": round(score / wall, 4),
+        "merge_share_of_wall": round(merge / wall, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer plans, smaller large model")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from optimizer.zoo import build_zoo, default_zoo_dir
+
+    info = build_zoo(default_zoo_dir())
+    zoo = default_zoo_dir()
+    prompts = [json.loads(line)["prompt"] for line in (zoo / "tasks" / "rev" / "search.jsonl").read_text().splitlines()[:64]]
+    bw = copy_bandwidth_gbs()
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, CPU only",
+        "copy_bandwidth_GBps": round(bw, 2),
+    }
+    zoo_models = ModelSet(zoo / "base", {t: zoo / "specialists" / t for t in info["specialists"]})
+    result["zoo"] = measure(zoo_models, prompts, 5 if args.quick else 20)
+    (ROOT / "studies").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
+        hidden, layers = (512, 8) if args.quick else (768, 12)
+        big = random_family_model(Path(tmp), hidden=hidden, layers=layers, vocab=32000, n_specialists=3)
+        result["large"] = measure(big, prompts, 3 if args.quick else 5)
+    for key in ("zoo", "large"):
+        r = result[key]
+        floor = r["bytes_moved_per_merge"] / (bw * 1e9)
+        r["copy_floor_s"] = round(floor, 5)
+        r["merge_over_floor"] = round(r["merge_s_median"] / floor, 2)
+    result["zoo_study"] = zoo_study_share(12 if args.quick else 24)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "trial_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

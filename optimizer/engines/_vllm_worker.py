@@ -1,0 +1,67 @@
+"""Runs inside each vLLM worker process: holds the base and task vectors, merges plans in place.
+
+vLLM injects this class into its worker (``LLM(worker_extension_cls=...)``) and the engine calls
+its methods through ``collective_rpc``, so only a plan — a few kilobytes of coefficients — ever
+crosses the process boundary. The merged tensors are written with vLLM's own in-place reload
+(``model_runner.reload_weights``): the model's ``load_weights`` handles fused qkv / gate_up and
+tensor-parallel sharding, and the reload re-runs the kernel-specific post-processing (e.g. the
+CPU backend's oneDNN weight packing) that a bare parameter copy would silently bypass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from optimizer.merge.apply import iter_merged, task_vectors
+from optimizer.merge.plan import MergePlan
+from optimizer.models import check_compatible, load_state_dict
+
+__all__ = ["MergeWorkerExtension"]
+
+
+class MergeWorkerExtension:
+    """Mixed into vLLM's worker class; every name starts with ``mergeopt_`` to avoid clashes."""
+
+    def mergeopt_load(self, base: str, specialists: dict[str, str]) -> dict[str, Any]:
+        """Load the base and each specialist once; keep base + task vectors for every later merge."""
+        # Every in-place reload warns that RotaryEmbedding (buffers only, nothing to load) kept its
+        # tensors; that is expected for a merge, and would otherwise print once per trial.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        param = next(model.parameters())
+        dtype = torch.float32 if param.dtype == torch.float32 else param.dtype
+        base_sd = load_state_dict(base, dtype)
+        states = []
+        for name, path in specialists.items():
+            state = load_state_dict(path, dtype)
+            check_compatible(base_sd, state, name)
+            states.append(state)
+        device = param.device
+        self.mergeopt_base = {k: v.to(device) for k, v in base_sd.items()}
+        self.mergeopt_deltas = task_vectors(self.mergeopt_base, [{k: s[k].to(device) for k in base_sd} for s in states])
+        self.mergeopt_models = tuple(specialists)
+        nbytes = sum(t.numel() * t.element_size() for t in self.mergeopt_base.values()) * (1 + len(states))
+        return {"tensors": len(self.mergeopt_base), "bytes": nbytes, "device": str(device)}
+
+    @torch.no_grad()
+    def mergeopt_apply_plan(self, plan: dict[str, Any]) -> dict[str, float]:
+        """Merge ``plan`` tensor by tensor straight into the live model."""
+        merge_plan = MergePlan.from_dict(plan)
+        if tuple(merge_plan.models) != self.mergeopt_models:
+            raise ValueError(f"plan is for models {merge_plan.models}, the worker holds {self.mergeopt_models}")
+        t0 = time.perf_counter()
+        finite = True
+
+        def weights():
+            nonlocal finite
+            for name, tensor in iter_merged(merge_plan, self.mergeopt_base, self.mergeopt_deltas):
+                if finite and not torch.isfinite(tensor).all():
+                    finite = False
+                yield name, tensor
+
+        self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return {"seconds": time.perf_counter() - t0, "finite": float(finite)}
