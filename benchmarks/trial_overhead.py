@@ -181,7 +181,8 @@ def main() -> None:
 
     info = build_zoo(default_zoo_dir())
     zoo = default_zoo_dir()
-    prompts = [json.loads(line)["prompt"] for line in (zoo / "tasks" / "rev" / "search.jsonl").read_text().splitlines()[:64]]
+    lines = (zoo / "tasks" / "rev" / "search.jsonl").read_text().splitlines()[:64]
+    prompts = [json.loads(line)["prompt"] for line in lines]
     bw = copy_bandwidth_gbs()
     result: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

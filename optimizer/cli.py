@@ -65,12 +65,12 @@ def _engine_factory(prepared):
 
 
 def _search(config_path: Path, trials: int | None) -> None:
+    import optuna
+
     from optimizer.config import load_config
     from optimizer.search.prepare import prepare
     from optimizer.search.progress import SearchProgress
     from optimizer.search.study import count_complete, open_study, run_trials
-
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress line replaces Optuna's per-trial log
     console = _console()
