@@ -57,25 +57,37 @@ def _open(study: str, name: str | None):
     return st, prepare(study_config(st))
 
 
-def _engine_factory(prepared):
-    from optimizer.engines import make_engine
+class _LazyEngine:
+    """One engine per process, started on first use: an engine start costs tens of seconds."""
 
-    cfg = prepared.config
-    return lambda: make_engine(cfg.engine, prepared.models, device=cfg.device, dtype=cfg.dtype)
+    def __init__(self, prepared):
+        self.prepared = prepared
+        self.engine = None
+
+    def __call__(self):
+        if self.engine is None:
+            from optimizer.engines import make_engine
+
+            cfg = self.prepared.config
+            self.engine = make_engine(cfg.engine, self.prepared.models, device=cfg.device, dtype=cfg.dtype)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
-def _search(config_path: Path, trials: int | None) -> None:
+def _search(config_path: Path, prepared, trials: int | None, engine: _LazyEngine) -> None:
+    """Run the study to ``trials`` COMPLETE trials with ``engine``, then show the front."""
     import optuna
 
-    from optimizer.config import load_config
-    from optimizer.search.prepare import prepare
     from optimizer.search.progress import SearchProgress
     from optimizer.search.study import count_complete, open_study, run_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress line replaces Optuna's per-trial log
     console = _console()
-    config = load_config(config_path)
-    prepared = prepare(config)  # everything is checked before the study file exists
+    config = prepared.config
     target = trials if trials is not None else config.search.trials
     study = open_study(prepared)
     done = count_complete(study)
@@ -84,21 +96,18 @@ def _search(config_path: Path, trials: int | None) -> None:
         f" ({len(prepared.space.distributions())} parameters, method {config.method}, engine {config.engine})"
     )
     if done < target:
-        engine = _engine_factory(prepared)()
         try:
             with SearchProgress(study, target) as progress:
-                run_trials(prepared, study, engine, target, callbacks=[progress])
+                run_trials(prepared, study, engine(), target, callbacks=[progress])
         except KeyboardInterrupt:
-            console.print(
-                f"\ninterrupted: completed trials are saved. Resume with: mergeopt search {config_path}"
-            )
-            raise typer.Exit(130) from None
-        finally:
             engine.close()
-    _print_front(study, prepared, held_out=False)
+            console.print(f"\ninterrupted: completed trials are saved. Resume with: mergeopt search {config_path}")
+            raise typer.Exit(130) from None
+    _print_front(study, prepared)
 
 
-def _print_front(study, prepared, *, held_out: bool) -> None:
+def _print_front(study, prepared, engine: _LazyEngine | None = None) -> None:
+    """The front as a table; with an engine, held-out scores of its members too."""
     from rich.table import Table
 
     from optimizer.search.pareto import front_members, front_trials
@@ -110,10 +119,10 @@ def _print_front(study, prepared, *, held_out: bool) -> None:
     table.add_column("baseline")
     for n in names:
         table.add_column(f"{n} search", justify="right")
-    if held_out:
+    if engine is not None:
         for n in names:
             table.add_column(f"{n} held-out", justify="right")
-        for m in front_members(study, prepared, _engine_factory(prepared)):
+        for m in front_members(study, prepared, engine):
             table.add_row(
                 str(m.number), m.label, *(f"{m.search[n]:.3f}" for n in names),
                 *(f"{m.held_out[n]:.3f}" for n in names),
@@ -132,14 +141,23 @@ def search(
     """Run a study, or resume it, until it holds the requested number of complete trials."""
     if trials is not None and trials <= 0:
         raise MergeoptError(f"--trials {trials}: the trial count must be a positive number")
-    _search(config, trials)
+    prepared = _prepare(config)  # everything is checked before the study file exists
+    engine = _LazyEngine(prepared)
+    try:
+        _search(config, prepared, trials, engine)
+    finally:
+        engine.close()
 
 
 @app.command()
 def pareto(study: StudyArg, name: NameOpt = None) -> None:
     """Show the Pareto front across tasks, with held-out scores of its members."""
     st, prepared = _open(study, name)
-    _print_front(st, prepared, held_out=True)
+    engine = _LazyEngine(prepared)
+    try:
+        _print_front(st, prepared, engine)
+    finally:
+        engine.close()
 
 
 @app.command()
@@ -209,26 +227,35 @@ def demo(trials: Annotated[int | None, typer.Option(help="total trials (default:
     info = build_zoo(zoo_dir, log=lambda line: console.print(line, highlight=False))
     _print_zoo(info, zoo_dir)
     config_path = _demo_config_path()
-    _search(config_path, trials)
-    _demo_export(config_path)
+    prepared = _prepare(config_path)
+    engine = _LazyEngine(prepared)  # one engine for the search and the held-out scoring
+    try:
+        _search(config_path, prepared, trials, engine)
+        _demo_export(prepared, engine)
+    finally:
+        engine.close()
 
 
-def _demo_export(config_path: Path) -> None:
+def _prepare(config_path: Path):
     from optimizer.config import load_config
+    from optimizer.search.prepare import prepare
+
+    return prepare(load_config(config_path))
+
+
+def _demo_export(prepared, engine: _LazyEngine) -> None:
     from optimizer.export import export_trial
     from optimizer.search.pareto import front_members
-    from optimizer.search.prepare import prepare
     from optimizer.search.study import load_study
 
     console = _console()
-    config = load_config(config_path)
+    config = prepared.config
     study = load_study(config.storage_url(), config.name)
-    prepared = prepare(config)
-    members = front_members(study, prepared, _engine_factory(prepared))
-    names = [t.name for t in prepared.tasks]
-    _print_front(study, prepared, held_out=True)
+    members = front_members(study, prepared, engine)
+    sign = {t.name: 1.0 if t.direction == "maximize" else -1.0 for t in prepared.tasks}
+    _print_front(study, prepared, engine)
     # The balanced choice: the member whose worst held-out task is best (maximin).
-    best = max(members, key=lambda m: min(m.held_out[n] for n in names))
+    best = max(members, key=lambda m: min(sign[n] * v for n, v in m.held_out.items()))
     out = Path("studies") / config.name / f"export-trial-{best.number}"
     if out.exists():
         console.print(f"balanced member: trial {best.number}, already exported at {out}")

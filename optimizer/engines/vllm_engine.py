@@ -26,6 +26,8 @@ _EXTENSION = "optimizer.engines._vllm_worker.MergeWorkerExtension"
 
 
 def _import_vllm():
+    # vLLM logs every engine step at INFO; a study log should show trials, not engine internals.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError:

@@ -44,16 +44,11 @@ def held_out_scores(
     cache: dict[str, dict[str, float]] = dict(study.user_attrs.get("held_out", {}))
     missing = [t for t in trials if str(t.number) not in cache]
     if missing:
-        engine = engine_factory()
-        try:
-            for trial in missing:
-                engine.apply_plan(MergePlan.from_dict(trial.user_attrs["plan"]))
-                cache[str(trial.number)] = {
-                    task.name: task.score(engine, "held_out").value for task in prepared.tasks
-                }
-                study.set_user_attr("held_out", cache)  # saved per member: an interrupt keeps the rest
-        finally:
-            engine.close()
+        engine = engine_factory()  # started only when something needs scoring
+        for trial in missing:
+            engine.apply_plan(MergePlan.from_dict(trial.user_attrs["plan"]))
+            cache[str(trial.number)] = {task.name: task.score(engine, "held_out").value for task in prepared.tasks}
+            study.set_user_attr("held_out", cache)  # saved per member: an interrupt keeps the rest
     return {t.number: cache[str(t.number)] for t in trials}
 
 
