@@ -20,8 +20,10 @@ SUFFIXES: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".
 
 
 def _load_file(path: Path) -> list[dict]:
+    import datasets
     from datasets import load_dataset
 
+    datasets.disable_progress_bars()  # a progress bar per split file is noise in a study log
     builder = SUFFIXES.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: unsupported data format {path.suffix!r}; use one of {', '.join(SUFFIXES)}")

@@ -63,5 +63,29 @@ class MergeWorkerExtension:
                     finite = False
                 yield name, tensor
 
-        self.model_runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        runner = self.model_runner  # type: ignore[attr-defined]
+        runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        _retie_head(runner.get_model(), runner.model_config.hf_config)
         return {"seconds": time.perf_counter() - t0, "finite": float(finite)}
+
+
+def _retie_head(model: torch.nn.Module, hf_config: object) -> None:
+    """Point a tied LM head at the freshly loaded embedding again.
+
+    vLLM's in-place reload (0.32) loads only ``embed_tokens`` for a tied model and leaves the
+    ``ParallelLMHead`` untouched: it keeps the old Parameter object and, on CPU, the oneDNN
+    weights it packed at start-up, so logits would come from the *previous* candidate's head.
+    Re-tying and re-running the head's own post-load processing (its quant method, the public
+    hook the loader itself calls) restores the tie. Untied models are left alone.
+    """
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        return
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    embeds = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    if len(embeds) != 1:
+        return  # not the plain decoder layout this fix is for; vLLM handles the rest
+    for head in heads:
+        head.tie_weights(embeds[0])
+        head.quant_method.process_weights_after_loading(head)
