@@ -25,7 +25,7 @@ def _config(**kw):
 
 def test_demo_config_is_valid() -> None:
     config = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
-    assert config.name == "demo" and list(config.models) == ["rev", "sort", "add"]
+    assert config.name == "demo" and list(config.models) == ["rev", "sort", "rot"]
     assert config.path(config.base).name == "base"  # zoo: paths resolve into the zoo
 
 

@@ -1,0 +1,23 @@
+"""Shared fixtures: the embedded model zoo, built once and cached across test runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def zoo() -> dict[str, Any]:
+    """The default zoo's zoo.json (plus ``root``), built into ``default_zoo_dir()`` if absent.
+
+    The first run trains it (a few minutes on two cores); later runs find it in the cache. Set
+    ``MERGEOPT_ZOO_DIR`` to keep it somewhere else.
+    """
+    from optimizer.zoo import build_zoo, default_zoo_dir
+
+    return build_zoo(default_zoo_dir())
+
+
+# A finished study shared by the tests that read studies (pareto, export, refusals).
+from tests._study_fixture import finished_study  # noqa: E402, F401
