@@ -30,6 +30,32 @@ def _states(db: Path) -> dict[str, int]:
     return {str(state): n for state, n in rows}
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc: vLLM's engine core and workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _load(db: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
 
@@ -57,9 +83,15 @@ def test_kill_mid_trial_then_resume(zoo, tmp_path: Path) -> None:
             time.sleep(0.05)
         else:
             pytest.fail("search never reached 3 complete trials")
+        engine_procs = _descendants(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert engine_procs, "the vLLM engine should run in child processes"
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in engine_procs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in engine_procs if _alive(p)], "vLLM processes outlived the killed search"
     before = {t.number: t.values for t in _load(db, "kill").get_trials(states=(TrialState.COMPLETE,))}
     killed = [t.number for t in _load(db, "kill").get_trials(states=(TrialState.RUNNING,))]
     assert len(before) >= 3 and len(killed) == 1

@@ -10,7 +10,11 @@ CPU backend's oneDNN weight packing) that a bare parameter copy would silently b
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -26,8 +30,10 @@ __all__ = ["MergeWorkerExtension"]
 class MergeWorkerExtension:
     """Mixed into vLLM's worker class; every name starts with ``mergeopt_`` to avoid clashes."""
 
-    def mergeopt_load(self, base: str, specialists: dict[str, str]) -> dict[str, Any]:
+    def mergeopt_load(self, base: str, specialists: dict[str, str], owner_pid: int | None = None) -> dict[str, Any]:
         """Load the base and each specialist once; keep base + task vectors for every later merge."""
+        if owner_pid is not None:
+            _watch_owner(owner_pid)
         # Every in-place reload warns that RotaryEmbedding (buffers only, nothing to load) kept its
         # tensors; that is expected for a merge, and would otherwise print once per trial.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
@@ -67,6 +73,32 @@ class MergeWorkerExtension:
         runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         _retie_head(runner.get_model(), runner.model_config.hf_config)
         return {"seconds": time.perf_counter() - t0, "finite": float(finite)}
+
+
+def _watch_owner(owner_pid: int) -> None:
+    """End this worker and its engine-core parent when the process that owns the engine is gone.
+
+    A study killed with SIGKILL (OOM killer, pre-emption, ``kill -9``) cannot shut vLLM down, and
+    vLLM's engine-core and worker processes then live on as orphans holding the model's memory.
+    A daemon thread polls the owner once a second; when it has vanished it takes the engine-core
+    process (this worker's parent) and itself down.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(owner_pid, 0)
+            except ProcessLookupError:
+                parent = os.getppid()
+                if parent not in (0, 1, owner_pid):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(parent, signal.SIGKILL)
+                os._exit(1)
+            except PermissionError:
+                pass  # exists, owned by someone else: still alive
+
+    threading.Thread(target=watch, name="mergeopt-owner-watch", daemon=True).start()
 
 
 def _retie_head(model: torch.nn.Module, hf_config: object) -> None:

@@ -74,7 +74,8 @@ class VLLMEngine(Engine):
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.llm.collective_rpc(
-            "mergeopt_load", args=(str(models.base), {k: str(v) for k, v in models.specialists.items()})
+            "mergeopt_load",
+            args=(str(models.base), {k: str(v) for k, v in models.specialists.items()}, os.getpid()),
         )
         self._sampling = vllm.SamplingParams
 
