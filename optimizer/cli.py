@@ -78,8 +78,10 @@ class _LazyEngine:
             self.engine = None
 
 
-def _search(config_path: Path, prepared, trials: int | None, engine: _LazyEngine) -> None:
-    """Run the study to ``trials`` COMPLETE trials with ``engine``, then show the front."""
+def _search(
+    config_path: Path, prepared, trials: int | None, engine: _LazyEngine, *, show_front: bool = True
+) -> None:
+    """Run the study to ``trials`` COMPLETE trials with ``engine``, then (by default) show the front."""
     import optuna
 
     from optimizer.search.progress import SearchProgress
@@ -103,7 +105,8 @@ def _search(config_path: Path, prepared, trials: int | None, engine: _LazyEngine
             engine.close()
             console.print(f"\ninterrupted: completed trials are saved. Resume with: mergeopt search {config_path}")
             raise typer.Exit(130) from None
-    _print_front(study, prepared)
+    if show_front:
+        _print_front(study, prepared)
 
 
 def _print_front(study, prepared, engine: _LazyEngine | None = None) -> None:
@@ -230,7 +233,7 @@ def demo(trials: Annotated[int | None, typer.Option(help="total trials (default:
     prepared = _prepare(config_path)
     engine = _LazyEngine(prepared)  # one engine for the search and the held-out scoring
     try:
-        _search(config_path, prepared, trials, engine)
+        _search(config_path, prepared, trials, engine, show_front=False)  # shown with held-out scores below
         _demo_export(prepared, engine)
     finally:
         engine.close()
