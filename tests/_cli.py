@@ -29,10 +29,10 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, check: bool = False) ->
 
 
 def zoo_tasks() -> list[str]:
-    """The zoo's task names, in its canonical order."""
-    import json
+    """The zoo's task names, in its canonical order (known before the zoo is built: tests use it at collection)."""
+    from optimizer.zoo.tasks import TASK_NAMES
 
-    return list(json.loads((default_zoo_dir() / "zoo.json").read_text())["specialists"])
+    return list(TASK_NAMES)
 
 
 def zoo_config(name: str = "t", *, limit: int = 12, **overrides: object) -> dict:

@@ -185,10 +185,15 @@ def test_tiny_builds_are_bit_identical(tmp_path: Path) -> None:
 
 
 def test_a_zoo_that_is_no_merge_problem_is_not_written(tmp_path: Path) -> None:
+    import socket
+
+    # The temp dir of a build that was killed (pid beyond any pid_max) is cleaned up on the way.
+    orphan = tmp_path / f".zoo.building-{socket.gethostname()}-999999999-x"
+    (orphan / "base").mkdir(parents=True)
     # A few steps of training leave nothing for a specialist to gain.
     with pytest.raises(MergeoptError, match="not a merge problem"):
         build_zoo(tmp_path / "zoo", seed=0, _recipe=_tiny_recipe())
-    assert list(tmp_path.iterdir()) == []  # neither the zoo nor its temp dir
+    assert list(tmp_path.iterdir()) == []  # neither the zoo, its temp dir nor the orphan
 
 
 def test_an_interrupted_build_leaves_nothing_that_looks_complete(
@@ -226,3 +231,19 @@ def test_default_zoo_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch
     assert default_zoo_dir() == tmp_path / "z"
     monkeypatch.delenv("MERGEOPT_ZOO_DIR")
     assert default_zoo_dir(seed=2).name == f"zoo-v{ZOO_VERSION}-seed2"
+
+
+def test_task_generators_are_seeded_and_unknown_names_are_listed() -> None:
+    import random
+
+    from optimizer.zoo.tasks import STOP, get_task
+
+    for name in TASKS:
+        a = [get_task(name).sample(random.Random(7)) for _ in range(3)]
+        b = [get_task(name).sample(random.Random(7)) for _ in range(3)]
+        assert a == b
+        assert all(STOP not in ex.prompt + ex.target for ex in a)
+    example = get_task("sort").make(random.Random(0), 4)
+    assert example.target == " " + "".join(sorted(example.prompt.split()[1]))
+    with pytest.raises(MergeoptError, match="rev, sort, rot"):
+        get_task("nope")

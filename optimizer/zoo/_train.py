@@ -4,9 +4,11 @@ Small algorithmic tasks are learned in sudden jumps (a circuit forms, then accur
 a few hundred steps), and when that happens varies with the seed by hundreds of steps. A fixed
 pretraining length therefore gives, seed to seed, a base that either has not learned a task yet
 or has already mastered it; neither leaves a specialist a reliable gain. So pretraining is
-*stopped by measurement*: every ``check_every`` steps the base is scored on a small dev split,
-a task whose accuracy has reached ``formed_at`` is sampled less from then on (so it does not run
-on to mastery while the others catch up), and pretraining ends once every task has formed.
+*steered by measurement*: every ``check_every`` steps the base is scored on a small dev split and
+each task's share of the next batches set by where it stands: full while it has not formed
+(reached ``formed_at``), ``formed_weight`` once it has, ``over_weight`` while it is above
+``ceiling`` (so a task learned early does not run on to mastery while the others catch up).
+Pretraining ends at the first check where every task has formed and none is above the ceiling.
 The rate stays constant, never annealed: the base keeps the errors of a mid-training
 checkpoint, and a specialist's short, low-rate fine-tune both sharpens and specialises it.
 
@@ -53,9 +55,11 @@ class Recipe:
     min_pretrain_steps: int = 200
     max_pretrain_steps: int = 1000
     check_every: int = 50
-    formed_at: float = 0.15
-    formed_weight: float = 0.2
-    finetune_steps: int = 150
+    formed_at: float = 0.25
+    formed_weight: float = 0.5
+    ceiling: float = 0.5
+    over_weight: float = 0.05
+    finetune_steps: int = 100
     finetune_lr: float = 3e-4
     n_dev: int = 64
     n_search: int = 128
@@ -167,14 +171,16 @@ def pretrain(
     dev_score: DevScore,
     log: Callable[[str], None],
 ) -> dict[str, object]:
-    """Train on the task mixture until every task has formed (see the module docstring).
+    """Train on the task mixture until every task is in [formed_at, ceiling] (module docstring).
 
-    Returns what happened, for zoo.json: the steps taken and the step at which each task formed
-    (None if it never did within ``max_pretrain_steps``; the build's criteria then decide).
+    Returns what happened, for zoo.json: the steps taken, the step at which each task formed
+    (None if it never did) and the last dev scores. Hitting ``max_pretrain_steps`` first is not
+    an error here; the build's criteria decide whether the result is still a merge problem.
     """
     trainer = _Trainer(model, tokenizer)
     formed: dict[str, int | None] = {t.name: None for t in tasks}
     weights = [1.0] * len(tasks)
+    scores: Mapping[str, float] = {}
     step = 0
     while step < recipe.max_pretrain_steps:
         for _ in range(recipe.check_every):
@@ -187,11 +193,17 @@ def pretrain(
         for t in tasks:
             if formed[t.name] is None and scores[t.name] >= recipe.formed_at:
                 formed[t.name] = step
-        weights = [recipe.formed_weight if formed[t.name] is not None else 1.0 for t in tasks]
+        weights = [_share(recipe, formed[t.name] is not None, scores[t.name]) for t in tasks]
         log(f"  step {step}: loss {loss:.3f}, dev exact match " + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
-        if all(s is not None for s in formed.values()):
+        if all(s is not None for s in formed.values()) and max(scores.values()) <= recipe.ceiling:
             break
-    return {"pretrain_steps": step, "formed_at_step": formed}
+    return {"pretrain_steps": step, "formed_at_step": formed, "dev_scores": dict(scores)}
+
+
+def _share(recipe: Recipe, formed: bool, score: float) -> float:
+    if not formed:
+        return 1.0
+    return recipe.over_weight if score > recipe.ceiling else recipe.formed_weight
 
 
 def finetune(

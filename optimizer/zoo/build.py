@@ -13,10 +13,12 @@ only at the end, so an interrupted build never looks complete.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -34,15 +36,17 @@ if TYPE_CHECKING:
 __all__ = ["MIN_SPECIALIST_GAIN", "MIN_TA_LOSS", "ZOO_VERSION", "build_zoo", "default_zoo_dir", "load_zoo"]
 
 #: Bumped whenever a change to tasks, tokenizer, model or training changes the built zoo.
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 #: Held-out exact match each specialist must gain over the base on its own task.
 MIN_SPECIALIST_GAIN = 0.20
 #: Held-out exact match task arithmetic (λ = 1) must lose against the specialist on some task.
 MIN_TA_LOSS = 0.10
 
 _ZOO_JSON = "zoo.json"
-# Small matmuls stop scaling past a few threads, and a fixed count keeps the build reproducible.
-_MAX_THREADS = 4
+# One thread, always: the zoo's matmuls are too small to gain much from more, a fixed count keeps
+# the build bit-reproducible, and on a shared box a second thread that has to wait for a busy core
+# at every OpenMP barrier made training 5-10x slower, not faster (measured on 2 shared cores).
+_THREADS = 1
 
 
 def default_zoo_dir(seed: int = 0) -> Path:
@@ -104,7 +108,8 @@ def build_zoo(
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    _remove_orphans(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         info = _build(tmp, seed=seed, recipe=recipe, say=say)
         if check_criteria:
@@ -138,7 +143,37 @@ def _check(info: Mapping[str, Any]) -> None:
         )
 
 
+def _tmp_prefix(out: Path) -> str:
+    # Host and pid in the name let a later build tell a live concurrent build from an orphan.
+    return f".{out.name}.building-{socket.gethostname()}-"
+
+
+def _remove_orphans(out: Path) -> None:
+    """Delete temp dirs of builds on this host whose process is gone (killed, not interrupted)."""
+    prefix = _tmp_prefix(out)
+    for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _replace_dir(new: Path, out: Path) -> None:
+    # mkdtemp made `new` private (0700) and some writers make files 0600; a zoo is shared data, so
+    # give it the modes the user's umask gives any new file before it goes live.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [new, *new.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     # A directory cannot be renamed onto a non-empty one: move the old zoo aside first, so `out`
     # is at every instant either absent, the old zoo or the new one.
     old = None
@@ -156,7 +191,7 @@ def _build(tmp: Path, *, seed: int, recipe: Recipe, say: Callable[[str], None]) 
 
     started = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(_MAX_THREADS, os.cpu_count() or 1))
+    torch.set_num_threads(_THREADS)
     try:
         with torch.random.fork_rng(devices=[]):  # seeding here must not reseed the caller's torch
             info = _train_and_measure(tmp, seed=seed, recipe=recipe, say=say)

@@ -17,6 +17,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from optimizer.errors import ConfigError
+
 __all__ = ["STOP", "TASKS", "TASK_NAMES", "Example", "Task", "get_task"]
 
 #: The stop string every answer ends with; metrics strip it, generators never put it in a target.
@@ -86,8 +88,6 @@ TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
 def get_task(name: str) -> Task:
     """The task called ``name``, or an error that lists the valid names."""
-    from optimizer.errors import ConfigError
-
     try:
         return TASKS[name]
     except KeyError:
