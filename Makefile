@@ -4,11 +4,19 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mergeopt-installed
+SYSTEM  := $(VENV)/.mergeopt-system
 EXTRAS  ?= cpu,dev
 
-.PHONY: setup demo test lint clean-studies
+.PHONY: setup system demo test lint clean-studies
 
 setup: $(STAMP)
+
+# System packages the tests drive for real (headless Chromium); apt-get when root, else a hint.
+system: $(SYSTEM)
+
+$(SYSTEM): scripts/install_system_packages.sh | $(STAMP)
+	bash scripts/install_system_packages.sh
+	touch $(SYSTEM)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/mergeopt demo
 
-test: setup
+test: setup system
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 

@@ -25,9 +25,7 @@ app = typer.Typer(
 zoo_app = typer.Typer(help="The embedded model zoo: a tiny base and specialists trained here.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
-StudyArg = Annotated[
-    str, typer.Argument(help="study folder (studies/NAME), its study.db, or an Optuna storage URL")
-]
+StudyArg = Annotated[str, typer.Argument(help="study folder (studies/NAME), its study.db, or an Optuna storage URL")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="study name, if the storage holds several")]
 
 
@@ -78,9 +76,7 @@ class _LazyEngine:
             self.engine = None
 
 
-def _search(
-    config_path: Path, prepared, trials: int | None, engine: _LazyEngine, *, show_front: bool = True
-) -> None:
+def _search(config_path: Path, prepared, trials: int | None, engine: _LazyEngine, *, show_front: bool = True) -> None:
     """Run the study to ``trials`` COMPLETE trials with ``engine``, then (by default) show the front."""
     import optuna
 
@@ -127,7 +123,9 @@ def _print_front(study, prepared, engine: _LazyEngine | None = None) -> None:
             table.add_column(f"{n} held-out", justify="right")
         for m in front_members(study, prepared, engine):
             table.add_row(
-                str(m.number), m.label, *(f"{m.search[n]:.3f}" for n in names),
+                str(m.number),
+                m.label,
+                *(f"{m.search[n]:.3f}" for n in names),
                 *(f"{m.held_out[n]:.3f}" for n in names),
             )
     else:
@@ -170,13 +168,113 @@ def export(
     out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
     name: NameOpt = None,
 ) -> None:
-    """Write a trial's merged model as a transformers (safetensors) directory."""
+    """Write a trial's merged model: HF safetensors dir, mergekit.yaml that rebuilds it, model card."""
     from optimizer.export import export_trial
     from optimizer.search.study import load_study, study_config
 
     st = load_study(_storage_url(study), name)
-    path = export_trial(st, study_config(st), trial, out)
+    path = export_trial(st, study_config(st), trial, out, storage_arg=study)
     _console().print(f"exported trial {trial} to {path}")
+
+
+@app.command()
+def report(
+    study: StudyArg,
+    out: Annotated[Path | None, typer.Option(help="report folder (default: STUDY/report)")] = None,
+    trial: Annotated[
+        int | None, typer.Option(help="trial whose coefficients the heatmap shows (default: balanced pick)")
+    ] = None,
+    name: NameOpt = None,
+) -> None:
+    """Re-score the front and the baselines on held-out data; write tables, plots and report.html."""
+    from optimizer.report import build_report
+
+    st, prepared = _open(study, name)
+    target = out or _default_report_dir(study, st.study_name)
+    engine = _LazyEngine(prepared)
+    try:
+        path, rows, pick = build_report(st, prepared, engine, target, trial=trial, storage_arg=study)
+    finally:
+        engine.close()
+    console = _console()
+    front = sum(r.on_front for r in rows)
+    console.print(f"report of {front} front members and {len(rows) - front} other baselines written to {path}")
+    if pick is not None:
+        console.print(f"balanced member: trial {pick.number} (worst-task normalized gain {pick.min_gain:.2f})")
+    console.print(f"open {path / 'report.html'}")
+
+
+def _default_report_dir(study: str, name: str) -> Path:
+    if "://" not in study and Path(study).is_dir():
+        return Path(study) / "report"
+    if "://" not in study:
+        return Path(study).resolve().parent / "report"
+    return Path("studies") / name / "report"
+
+
+@app.command()
+def pick(
+    study: StudyArg,
+    prefer: Annotated[
+        list[str] | None, typer.Option(help="TASK=WEIGHT: how much a task counts (others weigh 1); repeatable")
+    ] = None,
+    require: Annotated[
+        list[str] | None,
+        typer.Option(help="TASK=GAIN: floor on held-out normalized gain, e.g. 0.95 = 95% of the specialist's gain"),
+    ] = None,
+    name: NameOpt = None,
+) -> None:
+    """Choose a front member by weighted held-out normalized gain (and floors), and say why."""
+    from optimizer.report.pick import parse_assignments
+    from optimizer.report.pick import pick as choose
+    from optimizer.report.rows import collect_rows
+
+    st, prepared = _open(study, name)
+    tasks = st.metric_names or [t.name for t in prepared.tasks]
+    weights = parse_assignments(prefer or [], tasks, "--prefer")
+    floors = parse_assignments(require or [], tasks, "--require")
+    engine = _LazyEngine(prepared)
+    try:
+        rows, _ = collect_rows(st, prepared, engine)
+    finally:
+        engine.close()
+    best, ranked = choose(rows, tasks, weights, floors)
+    _print_choices(ranked, tasks, best)
+    if best is None:
+        closest = min(ranked, key=lambda c: len(c.misses)) if ranked else None
+        hint = f" (closest: trial {closest.row.number}, {'; '.join(closest.misses)})" if closest else ""
+        wanted = ", ".join(f"{t} >= {v:g}" for t, v in floors.items())
+        raise MergeoptError(f"no front member meets {wanted}{hint}; lower a --require floor")
+    row = best.row
+    why = ", ".join(f"{t} {row.gain[t]:.2f}" + (f"×{weights[t]:g}" if t in weights else "") for t in tasks)
+    floors_text = f"; meets {', '.join(f'{t} >= {v:g}' for t, v in floors.items())}" if floors else ""
+    runner_up = next((c for c in ranked if c is not best and not c.misses), None)
+    versus = f"; next: trial {runner_up.row.number} at {runner_up.score:.3f}" if runner_up else ""
+    _console().print(
+        f"picked trial {row.number}: weighted normalized gain {best.score:.3f} ({why}){floors_text}{versus}"
+    )
+    _console().print(f"export it: mergeopt export {study} --trial {row.number} --out merged-trial-{row.number}")
+
+
+def _print_choices(ranked, tasks: list[str], best) -> None:
+    from rich.table import Table
+
+    table = Table(title="front members by weighted held-out normalized gain")
+    table.add_column("trial", justify="right")
+    table.add_column("baseline")
+    for t in tasks:
+        table.add_column(f"{t} gain", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("floors")
+    for c in ranked:
+        table.add_row(
+            str(c.row.number) + (" *" if c is best else ""),
+            c.row.label,
+            *(f"{c.row.gain[t]:.2f}" for t in tasks),
+            f"{c.score:.3f}",
+            "; ".join(c.misses) or "ok",
+        )
+    _console().print(table)
 
 
 @zoo_app.command("build")
@@ -248,25 +346,29 @@ def _prepare(config_path: Path):
 
 def _demo_export(prepared, engine: _LazyEngine) -> None:
     from optimizer.export import export_trial
-    from optimizer.search.pareto import front_members
+    from optimizer.report import build_report
     from optimizer.search.study import load_study
 
     console = _console()
     config = prepared.config
     study = load_study(config.storage_url(), config.name)
-    members = front_members(study, prepared, engine)
-    sign = {t.name: 1.0 if t.direction == "maximize" else -1.0 for t in prepared.tasks}
     _print_front(study, prepared, engine)
-    # The balanced choice: the member whose worst held-out task is best (maximin).
-    best = max(members, key=lambda m: min(sign[n] * v for n, v in m.held_out.items()))
-    out = Path("studies") / config.name / f"export-trial-{best.number}"
+    study_dir = Path("studies") / config.name
+    report_dir, _, best = build_report(study, prepared, engine, study_dir / "report", storage_arg=str(study_dir))
+    console.print(f"report: {report_dir / 'report.html'}")
+    if best is None:
+        return
+    # The balanced choice: the member whose worst held-out task keeps most of its specialist's gain.
+    out = study_dir / f"export-trial-{best.number}"
     if out.exists():
         console.print(f"balanced member: trial {best.number}, already exported at {out}")
     else:
-        export_trial(study, config, best.number, out)
-        console.print(f"balanced member: trial {best.number} exported to {out}")
+        export_trial(study, config, best.number, out, storage_arg=str(study_dir))
+        console.print(
+            f"balanced member: trial {best.number} (worst-task normalized gain {best.min_gain:.2f}) exported to {out}"
+        )
     console.print(
-        f"next: mergeopt pareto studies/{config.name}  |  mergeopt export studies/{config.name} --trial N --out DIR"
+        f"next: mergeopt pick {study_dir} --prefer TASK=2  |  mergeopt export {study_dir} --trial N --out DIR"
     )
 
 

@@ -63,6 +63,9 @@ class ObjectiveConfig(_Strict):
     max_tokens: int = Field(default=32, gt=0)
     limit: int | None = Field(default=None, gt=0, description="use at most this many search examples")
     held_out_limit: int | None = Field(default=None, gt=0)
+    # The model whose skill this task measures (normalized gain's reference); default: the model
+    # with the task's name, else the specialist that scores best on it.
+    specialist: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -139,6 +142,16 @@ class StudyConfig(_Strict):
                 raise ValueError(f"objective name {obj.name!r} appears twice; objective names must be unique")
             seen.add(obj.name)
         return v
+
+    @model_validator(mode="after")
+    def _specialists_exist(self) -> StudyConfig:
+        for obj in self.objectives:
+            if obj.specialist is not None and obj.specialist not in self.models:
+                raise ValueError(
+                    f"objective {obj.name!r} names specialist {obj.specialist!r}, which is not among the models"
+                    f" ({', '.join(self.models)}); use one of those names"
+                )
+        return self
 
     # -- derived -------------------------------------------------------------------------------
     def path(self, value: str) -> Path:

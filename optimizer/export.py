@@ -2,8 +2,10 @@
 
 The merged weights are rebuilt from the plan stored with the trial (not from its parameters),
 with the same merge core the engine used, and written next to a copy of the base's config and
-tokenizer. The directory appears atomically: it is assembled under a temporary name and renamed
-at the end, so a failed export leaves nothing that looks like a model.
+tokenizer, a ``mergekit.yaml`` that rebuilds the same tensors with mergekit (for the methods
+mergekit has), ``mergeopt.json`` (the plan: our own reproducible config) and a model card. The
+directory appears atomically: it is assembled under a temporary name and renamed at the end, so a
+failed export leaves nothing that looks like a model.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import optuna
@@ -20,7 +23,8 @@ from optuna.trial import TrialState
 
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError, MergeoptError
-from optimizer.merge import MergePlan, merge_state_dict, task_vectors
+from optimizer.merge import MergePlan, get_method, merge_state_dict, task_vectors
+from optimizer.model_card import model_card
 from optimizer.models import check_compatible, load_config, load_state_dict
 
 __all__ = ["export_trial", "get_trial", "write_model_dir"]
@@ -47,8 +51,17 @@ def _check_out_dir(out: Path) -> None:
         raise ConfigError(f"output {str(out)!r} already exists and is not empty; choose another --out or remove it")
 
 
-def write_model_dir(out: Path, base_dir: Path, state: dict[str, torch.Tensor], extra: dict[str, object]) -> Path:
-    """Write ``state`` as ``model.safetensors`` beside the base's config and tokenizer, atomically."""
+def write_model_dir(
+    out: Path,
+    base_dir: Path,
+    state: dict[str, torch.Tensor],
+    extra: dict[str, object],
+    files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``state`` as ``model.safetensors`` beside the base's config and tokenizer, atomically.
+
+    ``files`` are further text files (name → content) written into the same directory.
+    """
     from safetensors.torch import save_file
 
     out = Path(out).resolve()
@@ -64,6 +77,8 @@ def write_model_dir(out: Path, base_dir: Path, state: dict[str, torch.Tensor], e
         tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "mergeopt.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -76,24 +91,56 @@ def write_model_dir(out: Path, base_dir: Path, state: dict[str, torch.Tensor], e
     return out
 
 
-def export_trial(study: optuna.Study, config: StudyConfig, number: int, out: Path) -> Path:
-    """Merge trial ``number``'s plan on the CPU and write it as an HF model directory."""
+def export_trial(
+    study: optuna.Study, config: StudyConfig, number: int, out: Path, *, storage_arg: str | None = None
+) -> Path:
+    """Merge trial ``number``'s plan on the CPU and write it as an HF model directory.
+
+    ``storage_arg`` is how the user named the study on the command line, quoted back in the
+    model card's reproduce command.
+    """
     trial = get_trial(study, number)
     _check_out_dir(Path(out))
     plan = MergePlan.from_dict(trial.user_attrs["plan"])
     base_dir = config.path(config.base)
+    model_dirs = {name: config.path(config.models[name]) for name in plan.models}
     base = load_state_dict(base_dir)
     specialists = []
     for name in plan.models:
-        state = load_state_dict(config.path(config.models[name]))
+        state = load_state_dict(model_dirs[name])
         check_compatible(base, state, name)
         specialists.append(state)
     merged = merge_state_dict(plan, base, task_vectors(base, specialists))
+    values = dict(zip(study.metric_names or [], trial.values, strict=False))
     extra = {
         "study": study.study_name,
         "trial": number,
         "baseline": trial.user_attrs.get("baseline"),
-        "values": dict(zip(study.metric_names or [], trial.values, strict=False)),
+        "values": values,
         "plan": plan.to_dict(),
     }
-    return write_model_dir(Path(out), base_dir, merged, extra)
+    base_config = load_config(base_dir)
+    num_layers = int(base_config.get("num_hidden_layers", 0))
+    dtype = str(base_config.get("torch_dtype") or base_config.get("dtype") or "float32")
+    files: dict[str, str] = {}
+    has_mergekit = get_method(plan.method).mergekit is not None
+    if has_mergekit:
+        from optimizer.mergekit_yaml import to_yaml
+
+        files["mergekit.yaml"] = to_yaml(
+            plan, base_path=base_dir, model_paths=model_dirs, num_layers=num_layers, dtype=dtype
+        )
+    files["README.md"] = model_card(
+        study=study.study_name,
+        trial=number,
+        label=trial.user_attrs.get("baseline"),
+        plan=plan,
+        base=str(base_dir),
+        models={name: str(path) for name, path in model_dirs.items()},
+        num_layers=num_layers,
+        search=values,
+        held_out=study.user_attrs.get("held_out", {}).get(str(number)),
+        storage_arg=storage_arg or f"studies/{study.study_name}",
+        has_mergekit=has_mergekit,
+    )
+    return write_model_dir(Path(out), base_dir, merged, extra, files)

@@ -125,10 +125,11 @@ def test_pareto_front_equals_best_trials(finished_study) -> None:
         if cells and cells[0].isdigit():
             shown.append(int(cells[0]))
     assert shown == best
-    # Held-out scores were computed for every member and cached in the study.
+    # Held-out scores were computed for every member and cached in the study (other tests sharing
+    # this study may have cached more trials: `report` also scores the baselines).
     cached = study.user_attrs["held_out"]
-    assert sorted(int(n) for n in cached) == best
-    assert all(set(v) == set(zoo_tasks()) for v in cached.values())
+    assert set(best) <= {int(n) for n in cached}
+    assert all(set(cached[str(n)]) == set(zoo_tasks()) for n in best)
 
 
 def test_export_reproduces_trial_scores(finished_study) -> None:

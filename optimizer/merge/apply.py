@@ -52,16 +52,26 @@ def merge_tensor(
     method = method or get_method(plan.method)
     options = options if options is not None else resolved_options(method, plan)
     params = plan.for_tensor(describe(name))
-    return method.merge(base, deltas, params, options, _generator(plan, name))
+    merge = method.merge
+    # Methods that need per-tensor data measured once per study (RegMean's Gram matrices, HILA's
+    # head importances) are MergeMethods bound to that data; their merge fn picks it by name.
+    for_tensor = getattr(merge, "for_tensor", None)
+    if for_tensor is not None:
+        merge = for_tensor(name)
+    return merge(base, deltas, params, options, _generator(plan, name))
 
 
 def iter_merged(
     plan: MergePlan,
     base: Mapping[str, torch.Tensor],
     deltas: Mapping[str, Sequence[torch.Tensor]],
+    method: MergeMethod | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, merged tensor)`` for every tensor of the base, in checkpoint order."""
-    method = get_method(plan.method)
+    """Yield ``(name, merged tensor)`` for every tensor of the base, in checkpoint order.
+
+    ``method`` overrides the registry's entry for ``plan.method`` (a method bound to study data).
+    """
+    method = method or get_method(plan.method)
     options = resolved_options(method, plan)
     for name, b in base.items():
         yield name, merge_tensor(plan, name, b, deltas[name], method, options)
@@ -71,6 +81,7 @@ def merge_state_dict(
     plan: MergePlan,
     base: Mapping[str, torch.Tensor],
     deltas: Mapping[str, Sequence[torch.Tensor]],
+    method: MergeMethod | None = None,
 ) -> dict[str, torch.Tensor]:
     """A whole merged state dict (for exports and tests; engines prefer ``iter_merged``)."""
-    return dict(iter_merged(plan, base, deltas))
+    return dict(iter_merged(plan, base, deltas, method))

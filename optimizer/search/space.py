@@ -42,6 +42,7 @@ class SearchSpace:
     def __init__(self, config: StudyConfig, num_layers: int):
         self.config = config
         self.models = tuple(config.models)
+        self.num_layers = num_layers
         self.method = get_method(config.method)
         self.groups = self._groups(config, num_layers)
 
