@@ -40,6 +40,8 @@ def _storage_url(study: str) -> str:
     if "://" in study:
         return study
     path = Path(study)
+    if path.suffix in (".log", ".journal") and path.is_file():
+        return f"journal://{path.resolve()}"
     if path.is_dir():
         path = path / "study.db"
     if not path.is_file():
@@ -56,51 +58,55 @@ def _open(study: str, name: str | None):
 
 
 class _LazyEngine:
-    """One engine per process, started on first use: an engine start costs tens of seconds."""
+    """One engine per process, started on first use (a start costs tens of seconds).
 
-    def __init__(self, prepared):
-        self.prepared = prepared
-        self.engine = None
+    Its supervisor (``optimizer.engines.supervisor``) restarts it after ``restart_after`` engine
+    failures in a row during a search; held-out scoring and exports use it as a plain engine.
+    """
 
-    def __call__(self):
-        if self.engine is None:
+    def __init__(self, prepared, *, restart_after: int | None = 3):
+        from optimizer.engines.supervisor import EngineSupervisor  # lazy: it imports torch
+
+        config = prepared.config
+
+        def start():
             from optimizer.engines import make_engine
 
-            cfg = self.prepared.config
-            self.engine = make_engine(cfg.engine, self.prepared.models, device=cfg.device, dtype=cfg.dtype)
-        return self.engine
+            return make_engine(config.engine, prepared.models, device=config.device, dtype=config.dtype)
+
+        self.prepared = prepared
+        self.supervisor = EngineSupervisor(start, prepared.models, restart_after=restart_after)
+
+    def __call__(self):
+        return self.supervisor()
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self.supervisor.close()
 
 
 def _search(config_path: Path, prepared, trials: int | None, engine: _LazyEngine, *, show_front: bool = True) -> None:
     """Run the study to ``trials`` COMPLETE trials with ``engine``, then (by default) show the front."""
     import optuna
 
-    from optimizer.search.progress import SearchProgress
-    from optimizer.search.study import count_complete, open_study, run_trials
+    from optimizer.cli_methods import run_hi_merging_stage
+    from optimizer.cli_ops import run_until
+    from optimizer.search.storage import display_url
+    from optimizer.search.study import count_complete, open_study
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress line replaces Optuna's per-trial log
+    # Our progress line (with each failure's reason) replaces Optuna's per-trial log and tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     console = _console()
     config = prepared.config
     target = trials if trials is not None else config.search.trials
     study = open_study(prepared)
+    run_hi_merging_stage(study, prepared, engine, console)  # method: hi_merging only, once per study
     done = count_complete(study)
     console.print(
-        f"study [bold]{config.name}[/] at {config.storage_url()}: {done} complete, target {target}"
+        f"study [bold]{config.name}[/] at {display_url(config.storage_url())}: {done} complete, target {target}"
         f" ({len(prepared.space.distributions())} parameters, method {config.method}, engine {config.engine})"
     )
     if done < target:
-        try:
-            with SearchProgress(study, target) as progress:
-                run_trials(prepared, study, engine(), target, callbacks=[progress])
-        except KeyboardInterrupt:
-            engine.close()
-            console.print(f"\ninterrupted: completed trials are saved. Resume with: mergeopt search {config_path}")
-            raise typer.Exit(130) from None
+        run_until(study, prepared, target, engine, resume=f"mergeopt search {config_path}")
     if show_front:
         _print_front(study, prepared)
 
@@ -138,12 +144,20 @@ def _print_front(study, prepared, engine: _LazyEngine | None = None) -> None:
 def search(
     config: Annotated[Path, typer.Argument(help="study config (YAML)")],
     trials: Annotated[int | None, typer.Option(help="total COMPLETE trials to reach (default: config)")] = None,
+    restart_engine_after: Annotated[
+        int, typer.Option(help="restart the engine after this many engine errors in a row")
+    ] = 3,
 ) -> None:
-    """Run a study, or resume it, until it holds the requested number of complete trials."""
+    """Run a study, or resume it, until it holds the requested number of complete trials.
+
+    Several processes may run one config at once (journal or PostgreSQL storage): they share it.
+    """
     if trials is not None and trials <= 0:
         raise MergeoptError(f"--trials {trials}: the trial count must be a positive number")
+    if restart_engine_after <= 0:
+        raise MergeoptError(f"--restart-engine-after {restart_engine_after}: give a positive number of failures")
     prepared = _prepare(config)  # everything is checked before the study file exists
-    engine = _LazyEngine(prepared)
+    engine = _LazyEngine(prepared, restart_after=restart_engine_after)
     try:
         _search(config, prepared, trials, engine)
     finally:
@@ -370,6 +384,17 @@ def _demo_export(prepared, engine: _LazyEngine) -> None:
     console.print(
         f"next: mergeopt pick {study_dir} --prefer TASK=2  |  mergeopt export {study_dir} --trial N --out DIR"
     )
+
+
+def _register_command_modules() -> None:
+    # Command groups kept in their own modules (one concept each); each adds its commands to `app`.
+    from optimizer import cli_methods, cli_ops
+
+    cli_ops.register(app)
+    cli_methods.register(app)
+
+
+_register_command_modules()
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ class Bounds(_Strict):
 
     low: float
     high: float
+    log: bool = False  # sample on a log scale (for scale-like options such as a temperature)
 
     @model_validator(mode="after")
     def _ordered(self) -> Bounds:
@@ -75,6 +76,15 @@ class ObjectiveConfig(_Strict):
         return v
 
 
+class HiMergingConfig(_Strict):
+    """The unattended Hi-Merging run that precedes the search when ``method: hi_merging``."""
+
+    rounds: int = Field(default=3, ge=0)
+    grid: list[float] = Field(default_factory=lambda: [0.1, 0.4, 0.7, 1.0])
+    margin: float = Field(default=0.0, ge=0.0)
+    cross: bool = False
+
+
 class SearchConfig(_Strict):
     """How the study searches: budget, sampler, baselines."""
 
@@ -83,6 +93,7 @@ class SearchConfig(_Strict):
     seed: int = 0
     baselines: bool = True
     max_consecutive_failures: int = Field(default=5, gt=0)
+    hi_merging: HiMergingConfig = HiMergingConfig()
 
 
 class StudyConfig(_Strict):
@@ -98,6 +109,8 @@ class StudyConfig(_Strict):
     weight: Bounds = Bounds(low=0.0, high=1.0)
     density: Bounds = Bounds(low=0.1, high=1.0)
     options: dict[str, float | int | bool] = Field(default_factory=dict)
+    # Method options the search tunes too (RegMean's alpha, WIDEN's t and s...), by range.
+    search_options: dict[str, Bounds] = Field(default_factory=dict)
     objectives: list[ObjectiveConfig]
     search: SearchConfig = SearchConfig()
     storage: str | None = None
@@ -144,6 +157,26 @@ class StudyConfig(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _searchable_options(self) -> StudyConfig:
+        from optimizer.merge import get_method
+
+        try:
+            method = get_method(self.method)
+        except Exception:  # an unknown method is reported where the method is checked
+            return self
+        for name, bounds in self.search_options.items():
+            if bounds.log and bounds.low <= 0:
+                raise ValueError(f"search_options: {name!r} is searched on a log scale, so low must be > 0")
+            default = method.options.get(name)
+            if default is None or isinstance(default, bool):
+                numeric = [k for k, v in method.options.items() if not isinstance(v, bool)]
+                raise ValueError(
+                    f"search_options: {name!r} is not a numeric option of {self.method!r};"
+                    f" searchable: {', '.join(numeric) or 'none'}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _specialists_exist(self) -> StudyConfig:
         for obj in self.objectives:
             if obj.specialist is not None and obj.specialist not in self.models:
@@ -157,6 +190,13 @@ class StudyConfig(_Strict):
     def path(self, value: str) -> Path:
         """Resolve a path from this config (relative to its file, or into the zoo)."""
         return resolve_path(value, Path(self.root))
+
+    def study_dir(self) -> Path:
+        """Where the study's files live: beside its SQLite file, else ``studies/<name>/``."""
+        url = self.storage_url()
+        if url.startswith("sqlite:///"):
+            return Path(url[len("sqlite:///") :]).parent
+        return Path("studies") / self.name
 
     def storage_url(self) -> str:
         """The Optuna storage URL; SQLite under ``studies/<name>/`` unless the config names one."""

@@ -20,10 +20,12 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.trial import TrialState
+from safetensors import SafetensorError
 
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError, MergeoptError
 from optimizer.merge import MergePlan, get_method, merge_state_dict, task_vectors
+from optimizer.merge.study_data import bind
 from optimizer.model_card import model_card
 from optimizer.models import check_compatible, load_config, load_state_dict
 
@@ -82,9 +84,10 @@ def write_model_dir(
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeoptError(f"cannot write export to {out}: {exc.strerror or exc}; nothing was written") from None
+        reason = getattr(exc, "strerror", None) or str(exc).rsplit(": ", 1)[-1]
+        raise MergeoptError(f"cannot write export to {out}: {reason}; nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,7 +113,8 @@ def export_trial(
         state = load_state_dict(model_dirs[name])
         check_compatible(base, state, name)
         specialists.append(state)
-    merged = merge_state_dict(plan, base, task_vectors(base, specialists))
+    method = bind(plan.method, plan.models, config.study_dir(), base_dir)
+    merged = merge_state_dict(plan, base, task_vectors(base, specialists), method)
     values = dict(zip(study.metric_names or [], trial.values, strict=False))
     extra = {
         "study": study.study_name,

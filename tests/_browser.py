@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -52,6 +54,9 @@ class Browser:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own process group: Debian's launcher is a wrapper script, and the browser's
+            # zygote/renderer processes must all go when the test ends.
+            start_new_session=True,
         )
         port_file = self._profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
@@ -111,13 +116,16 @@ class Browser:
         ws = getattr(self, "_ws", None)
         if ws is not None:
             ws.close()
-        if self._proc.poll() is None:
-            self._proc.terminate()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self._proc.pid, sig)
+            except ProcessLookupError:
+                break
             try:
                 self._proc.wait(timeout=10)
+                time.sleep(0.2)  # let the rest of the group exit after the launcher
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+                continue
         shutil.rmtree(self._profile, ignore_errors=True)
 
     def __enter__(self) -> Browser:

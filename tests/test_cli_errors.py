@@ -1,14 +1,26 @@
-"""Bad input: one clear line on stderr, exit code 2, and nothing written (no study, no export)."""
+"""Bad input: one clear line on stderr, exit code 2, and nothing written (no study, no export).
+
+Where a study exists already (a worker joining, a resumed search), "nothing written" means its
+storage file is byte for byte what it was.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import resource
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from tests._cli import run_cli, write_config, zoo_config
+from tests._postgres import PostgresServer, free_port, postgres_server  # noqa: F401 (fixture)
 
 
 def _assert_refused(proc, *needles: str, cwd: Path) -> None:
@@ -40,6 +52,25 @@ def _empty_split_data(tmp: Path, zoo_dir: Path) -> Path:
     return data
 
 
+def _corrupt_model(tmp: Path, zoo_dir: Path) -> Path:
+    """A copy of the rev specialist whose safetensors file is cut off in the middle of its header."""
+    out = tmp / "corrupt_model"
+    shutil.copytree(zoo_dir / "specialists" / "rev", out)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return out
+
+
+def _data_without_target(tmp: Path, zoo_dir: Path) -> Path:
+    """Task data whose rows name the answer 'answer' where the metric reads 'target'."""
+    data = tmp / "data_renamed"
+    data.mkdir()
+    for split in ("search", "held_out"):
+        text = (zoo_dir / "tasks" / "rev" / f"{split}.jsonl").read_text()
+        (data / f"{split}.jsonl").write_text(text.replace('"target":', '"answer":'))
+    return data
+
+
 CASES = {
     "missing model dir": (lambda tmp, zoo: {"base": str(tmp / "nope")}, ["does not exist", "nope"]),
     "shape mismatch": (
@@ -68,6 +99,20 @@ CASES = {
         ["appears twice"],
     ),
     "density outside (0, 1]": (lambda tmp, zoo: {"density": {"low": 0.0, "high": 1.0}}, ["density", "(0, 1]"]),
+    "corrupt safetensors": (
+        lambda tmp, zoo: {"models": {**zoo_config()["models"], "rev": str(_corrupt_model(tmp, zoo))}},
+        ["corrupt_model/model.safetensors", "not a readable safetensors file"],
+    ),
+    "objective data missing a column": (
+        lambda tmp, zoo: {
+            "objectives": [{**zoo_config()["objectives"][0], "data": str(_data_without_target(tmp, zoo))}]
+        },
+        ["lack the field 'target'", "they have: prompt, answer"],
+    ),
+    "unreachable storage server": (
+        lambda tmp, zoo: {"storage": f"postgresql://u:secret@127.0.0.1:{free_port()}/db"},
+        ["cannot reach the postgresql server at 127.0.0.1:", "start it", "u:***@"],
+    ),
 }
 
 
@@ -130,3 +175,115 @@ def test_export_refuses_bad_trial_and_existing_dir(finished_study) -> None:
     proc = run_cli("export", str(study_dir), "--trial", "0", "--out", str(taken), cwd=cwd)
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
+
+
+# -- a study that exists already: nothing may change in it -------------------------------------
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("mergeopt: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_wrong_database_password_is_refused(tmp_path: Path, zoo, postgres_server: PostgresServer) -> None:  # noqa: F811
+    url = postgres_server.url(password="not-the-password")
+    path = write_config(tmp_path / "study.yaml", zoo_config(storage=url))
+    proc = run_cli("search", str(path), cwd=tmp_path)
+    _assert_refused(proc, "password authentication failed", "fix the user or password", cwd=tmp_path)
+    assert "not-the-password" not in proc.stderr
+    proc = run_cli("worker", "--storage", url, "--study", "t", cwd=tmp_path)
+    _assert_refused(proc, "password authentication failed", cwd=tmp_path)
+
+
+def test_worker_refuses_a_study_that_does_not_exist(finished_study) -> None:
+    cwd, study_dir = finished_study
+    db = study_dir / "study.db"
+    before = _digest(db)
+    proc = run_cli("worker", "--storage", str(db), "--study", "nope", cwd=cwd)
+    _assert_one_line_error(proc, "no study 'nope'", "it has: fin")
+    assert _digest(db) == before
+
+
+def test_search_refuses_other_models_on_an_existing_study(finished_study) -> None:
+    cwd, study_dir = finished_study
+    db = study_dir / "study.db"
+    before = _digest(db)
+    config = zoo_config("fin", search={"trials": 10, "seed": 1})
+    config["models"] = dict(list(config["models"].items())[:2])  # one specialist fewer
+    path = write_config(cwd / "other-models.yaml", config)
+    proc = run_cli("search", str(path), cwd=cwd)
+    _assert_one_line_error(proc, "study 'fin' already exists with a different 'models'")
+    assert _digest(db) == before
+
+
+def test_models_changed_on_disk_are_refused(tmp_path: Path, zoo) -> None:
+    from optimizer.zoo import default_zoo_dir
+
+    model = tmp_path / "rev"
+    shutil.copytree(default_zoo_dir() / "specialists" / "rev", model)
+    config = zoo_config("moved", limit=4, search={"trials": 1, "seed": 0, "baselines": False})
+    config["models"]["rev"] = str(model)
+    path = write_config(tmp_path / "study.yaml", config)
+    run_cli("search", str(path), cwd=tmp_path, check=True)
+    db = tmp_path / "studies" / "moved" / "study.db"
+    before = _digest(db)
+    # Retrained in place: same names, shapes and dtypes (so the same header), other values.
+    state = load_file(str(model / "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in state.items()}, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+    proc = run_cli("search", str(path), "--trials", "2", cwd=tmp_path)
+    _assert_one_line_error(proc, f"model 'rev' at {model} changed on disk since study 'moved' started")
+    proc = run_cli("worker", "--storage", str(db), "--study", "moved", "--trials", "2", cwd=tmp_path)
+    _assert_one_line_error(proc, "changed on disk", "start a new study")
+    assert _digest(db) == before
+
+
+@contextlib.contextmanager
+def _full_disk(folder: Path) -> Iterator[dict]:
+    """A folder where writes soon fail: a 256 KiB tmpfs (as root), else a file-size limit.
+
+    The tmpfs gives the real ENOSPC ("No space left on device"). Where mounting is not allowed,
+    RLIMIT_FSIZE on the child process makes the kernel refuse writes past 256 KiB with EFBIG
+    ("File too large"; Python ignores the SIGXFSZ that comes with it) — a real write failure too.
+    Yields extra subprocess arguments.
+    """
+    folder.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)]).returncode == 0
+    try:
+        if mounted:
+            yield {}
+        else:
+            limit = 256 * 1024
+            yield {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))}
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_export_to_a_full_disk_is_refused(finished_study, tmp_path: Path) -> None:
+    cwd, study_dir = finished_study
+    with _full_disk(tmp_path / "full") as extra:
+        out = tmp_path / "full" / "merged"
+        proc = subprocess.run(
+            [sys.executable, "-m", "optimizer.cli", "export", str(study_dir), "--trial", "0", "--out", str(out)],
+            cwd=cwd,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            **extra,
+        )
+        left = sorted(p.name for p in (tmp_path / "full").iterdir())
+    _assert_one_line_error(proc, "cannot write export to", "nothing was written")
+    assert "No space left on device" in proc.stderr or "File too large" in proc.stderr
+    assert left == [], f"a failed export left {left}"

@@ -166,14 +166,23 @@ def test_method_defaults_are_mergekits():
     checked = 0
     for name in method_names():
         method = registry.get_method(name)
-        if method.mergekit is None:
-            continue
+        if method.mergekit is None or method.mergekit != name:
+            continue  # variants of a mergekit method (hi_merging = ties unnormalized) differ on purpose
         spec = {p.name: p for p in mk_registry.get(method.mergekit).spec.parameters}
         for option, value in method.options.items():
             if option in spec:
                 assert value == spec[option].default, f"{name}.{option}: ours {value}, mergekit {spec[option].default}"
                 checked += 1
     assert checked >= 15
+
+
+def test_a_variant_writes_the_options_where_it_differs_from_mergekit(llama):
+    """hi_merging is mergekit's ties without normalisation: its YAML must say so explicitly."""
+    import yaml
+
+    plan = MergePlan("hi_merging", MODELS, {m: ModelParams(0.7, 0.5) for m in MODELS})
+    config = yaml.safe_load(_yaml(plan, llama.tiny))
+    assert config["merge_method"] == "ties" and config["parameters"]["normalize"] is False
 
 
 # --------------------------------------------------------------------------- DARE: statistics

@@ -16,12 +16,15 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from optimizer.merge._registry import MergeMethod
 from optimizer.merge.apply import iter_merged, task_vectors
 from optimizer.merge.plan import MergePlan
+from optimizer.merge.study_data import bind
 from optimizer.models import check_compatible, load_state_dict
 
 __all__ = ["MergeWorkerExtension"]
@@ -30,8 +33,14 @@ __all__ = ["MergeWorkerExtension"]
 class MergeWorkerExtension:
     """Mixed into vLLM's worker class; every name starts with ``mergeopt_`` to avoid clashes."""
 
-    def mergeopt_load(self, base: str, specialists: dict[str, str], owner_pid: int | None = None) -> dict[str, Any]:
-        """Load the base and each specialist once; keep base + task vectors for every later merge."""
+    def mergeopt_load(
+        self, base: str, specialists: dict[str, str], owner_pid: int | None = None, data_dir: str | None = None
+    ) -> dict[str, Any]:
+        """Load the base and each specialist once; keep base + task vectors for every later merge.
+
+        ``data_dir`` holds the study's measured data for methods that need it (RegMean's Grams); it
+        is read here, in the worker, so no tensor crosses the process boundary.
+        """
         if owner_pid is not None:
             _watch_owner(owner_pid)
         # Every in-place reload warns that RotaryEmbedding (buffers only, nothing to load) kept its
@@ -50,6 +59,9 @@ class MergeWorkerExtension:
         self.mergeopt_base = {k: v.to(device) for k, v in base_sd.items()}
         self.mergeopt_deltas = task_vectors(self.mergeopt_base, [{k: s[k].to(device) for k in base_sd} for s in states])
         self.mergeopt_models = tuple(specialists)
+        self.mergeopt_data_dir = Path(data_dir) if data_dir else None
+        self.mergeopt_base_dir = Path(base)
+        self.mergeopt_bound: dict[str, MergeMethod] = {}
         nbytes = sum(t.numel() * t.element_size() for t in self.mergeopt_base.values()) * (1 + len(states))
         return {"tensors": len(self.mergeopt_base), "bytes": nbytes, "device": str(device)}
 
@@ -61,10 +73,14 @@ class MergeWorkerExtension:
             raise ValueError(f"plan is for models {merge_plan.models}, the worker holds {self.mergeopt_models}")
         t0 = time.perf_counter()
         finite = True
+        method = self.mergeopt_bound.get(merge_plan.method)
+        if method is None:
+            method = bind(merge_plan.method, self.mergeopt_models, self.mergeopt_data_dir, self.mergeopt_base_dir)
+            self.mergeopt_bound[merge_plan.method] = method
 
         def weights():
             nonlocal finite
-            for name, tensor in iter_merged(merge_plan, self.mergeopt_base, self.mergeopt_deltas):
+            for name, tensor in iter_merged(merge_plan, self.mergeopt_base, self.mergeopt_deltas, method):
                 if finite and not torch.isfinite(tensor).all():
                     finite = False
                 yield name, tensor

@@ -30,6 +30,9 @@ class ModelSet:
 
     base: Path
     specialists: Mapping[str, Path]
+    # Folder of the study's measured data (``<needs>.safetensors``: RegMean's Grams, HILA's
+    # importances); engines bind methods that need it (optimizer.merge.study_data).
+    data_dir: Path | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from optimizer.engines.base import Engine, LogLikelihood, ModelSet, encode_pair
+from optimizer.merge._registry import MergeMethod
 from optimizer.merge.apply import iter_merged, task_vectors
 from optimizer.merge.plan import MergePlan
+from optimizer.merge.study_data import bind
 from optimizer.models import check_compatible, load_state_dict
 
 __all__ = ["HFEngine"]
@@ -53,14 +55,21 @@ class HFEngine(Engine):
             check_compatible(base, state, name)
             specialists.append(state)
         self._base = {k: v.to(self.device, torch_dtype) for k, v in base.items() if k in self._params}
-        self._deltas = task_vectors(self._base, [{k: s[k].to(self.device, torch_dtype) for k in self._base}
-                                                 for s in specialists])
+        self._bound: dict[str, MergeMethod] = {}
+        self._deltas = task_vectors(
+            self._base, [{k: s[k].to(self.device, torch_dtype) for k in self._base} for s in specialists]
+        )
 
     @torch.no_grad()
     def apply_plan(self, plan: MergePlan) -> None:
         if tuple(plan.models) != self.models.names:
             raise ValueError(f"plan is for models {plan.models}, engine holds {self.models.names}")
-        for name, merged in iter_merged(plan, self._base, self._deltas):
+        method = self._bound.get(plan.method)
+        if method is None:
+            method = self._bound[plan.method] = bind(
+                plan.method, self.models.names, self.models.data_dir, self.models.base
+            )
+        for name, merged in iter_merged(plan, self._base, self._deltas, method):
             self._params[name].copy_(merged)
 
     @torch.no_grad()

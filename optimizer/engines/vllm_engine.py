@@ -75,7 +75,12 @@ class VLLMEngine(Engine):
         self.tokenizer = self.llm.get_tokenizer()
         self.llm.collective_rpc(
             "mergeopt_load",
-            args=(str(models.base), {k: str(v) for k, v in models.specialists.items()}, os.getpid()),
+            args=(
+                str(models.base),
+                {k: str(v) for k, v in models.specialists.items()},
+                os.getpid(),
+                str(models.data_dir) if models.data_dir else None,
+            ),
         )
         self._sampling = vllm.SamplingParams
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 from optimizer.merge import (  # noqa: F401  (registration)
     breadcrumbs,
     dare,
+    hi_merging,
+    hila,
     linear,
+    regmean,
     task_arithmetic,
     ties,
+    widen,
 )
 from optimizer.merge._registry import MergeMethod, get_method, method_names, register
 from optimizer.merge.apply import iter_merged, merge_state_dict, merge_tensor, task_vectors

@@ -25,6 +25,7 @@ from enum import Enum
 import torch
 
 from optimizer.merge import _sparsify
+from optimizer.merge._precision import work_dtype
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.plan import ModelParams
 
@@ -71,7 +72,7 @@ class GeneralizedMerge:
             # Integer buffers (position ids, masks) are not learned: nothing to merge.
             return base.clone()
         # Sign votes and sums in bf16 lose the small entries that sparsification keeps; work in fp32.
-        work = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+        work = work_dtype(base)
         rescale = bool(options.get("rescale", False))
         gamma = float(options.get("gamma", 0.01))  # type: ignore[arg-type]
         model_gens = self._model_generators(generator, len(deltas))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,9 @@ class MergeMethod:
     default_density: float = 1.0
     options: Mapping[str, float | int | bool] = field(default_factory=dict)
     mergekit: str | None = None
+    needs: str | None = None
+    bind: Callable[[Mapping[str, Mapping[str, torch.Tensor]], Path], MergeMethod] | None = None
+    searchable: Mapping[str, tuple[float, float, bool]] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -63,9 +67,7 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown merge method {name!r}; choose one of: {', '.join(method_names())}"
-        ) from None
+        raise ConfigError(f"unknown merge method {name!r}; choose one of: {', '.join(method_names())}") from None
 
 
 def method_names() -> list[str]:

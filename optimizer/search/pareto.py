@@ -52,9 +52,7 @@ def held_out_scores(
     return {t.number: cache[str(t.number)] for t in trials}
 
 
-def front_members(
-    study: optuna.Study, prepared: Prepared, engine_factory: Callable[[], Engine]
-) -> list[FrontMember]:
+def front_members(study: optuna.Study, prepared: Prepared, engine_factory: Callable[[], Engine]) -> list[FrontMember]:
     trials = front_trials(study)
     held = held_out_scores(study, trials, prepared, engine_factory)
     names = study.metric_names or [t.name for t in prepared.tasks]

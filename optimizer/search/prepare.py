@@ -7,13 +7,15 @@ bad config leaves no half-made study behind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from objectives.tasks import Task, load_tasks
 from optimizer.config import StudyConfig
 from optimizer.engines.base import ModelSet
 from optimizer.models import check_compatible, load_config, read_shapes
 from optimizer.search.space import SearchSpace
+from optimizer.search.study_data import ensure_study_data
 
 __all__ = ["Prepared", "check_models", "prepare"]
 
@@ -42,7 +44,10 @@ def check_models(config: StudyConfig) -> tuple[ModelSet, int]:
     return models, num_layers
 
 
-def prepare(config: StudyConfig) -> Prepared:
+def prepare(config: StudyConfig, say: Callable[[str], None] = lambda _: None) -> Prepared:
+    """Validate the config; then measure (or find cached) what the method needs once per study."""
     models, num_layers = check_models(config)
     tasks = load_tasks(config)
-    return Prepared(config, models, tasks, SearchSpace(config, num_layers))
+    space = SearchSpace(config, num_layers)
+    data = ensure_study_data(config, models, tasks, say)
+    return Prepared(config, replace(models, data_dir=data.parent if data else None), tasks, space)

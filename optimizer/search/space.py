@@ -84,14 +84,21 @@ class SearchSpace:
                     out[self.param_name(model, group, coef)] = optuna.distributions.FloatDistribution(
                         bounds.low, bounds.high
                     )
+        for name, (low, high, log) in self.searched_options().items():
+            out[f"option.{name}"] = optuna.distributions.FloatDistribution(low, high, log=log)
         return out
+
+    def searched_options(self) -> dict[str, tuple[float, float, bool]]:
+        """Method options the study searches: the config's ``search_options``, else the method's
+        default ``searchable`` ones that the config does not fix in ``options``."""
+        if self.config.search_options:
+            return {k: (b.low, b.high, b.log) for k, b in self.config.search_options.items()}
+        return {k: v for k, v in self.method.searchable.items() if k not in self.config.options}
 
     # -- trial → plan ----------------------------------------------------------------------------
     def suggest(self, trial: optuna.Trial) -> MergePlan:
         """Ask the sampler for every parameter and build the plan."""
-        params = {
-            name: trial.suggest_float(name, dist.low, dist.high) for name, dist in self.distributions().items()
-        }
+        params = {name: trial.suggest_float(name, dist.low, dist.high) for name, dist in self.distributions().items()}
         return self.plan_from_params(params)
 
     def plan_from_params(self, params: Mapping[str, float]) -> MergePlan:
@@ -104,5 +111,8 @@ class SearchSpace:
                 for scope in group.scopes:
                     key = f"{model}.{scope}" if scope else model
                     scoped[key] = ModelParams(weight=float(weight), density=float(density))
-        options = {**self.config.options, "seed": self.config.search.seed}
+        options: dict[str, float | int | bool] = {**self.config.options, "seed": self.config.search.seed}
+        for name in self.searched_options():
+            if f"option.{name}" in params:
+                options[name] = float(params[f"option.{name}"])
         return MergePlan(self.config.method, self.models, scoped, options)

@@ -1,32 +1,49 @@
-"""The study: one Optuna objective per task, run (or resumed) until the requested trial count.
+"""The study: one Optuna objective per task, run (or resumed, or joined) until a trial count.
 
 A trial asks the search space for a plan (or takes a baseline's plan), merges it in place in the
 engine, and scores every task on its search split. The plan is stored with the trial (user attr
 ``plan``), so exports rebuild exactly what was scored. A trial that raises is recorded as FAIL
 with its reason and the study goes on; a process killed mid-trial is recovered by the storage's
-heartbeat on the next run.
+heartbeat (or, on a journal, by the owner check) and its trial retried. Several processes may run
+one study at once: ``mergeopt search`` on each, or ``mergeopt worker`` to join a running study.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optimizer.config import StudyConfig, config_from_json
 from optimizer.engines.base import Engine
+from optimizer.engines.supervisor import EngineSupervisor, classify, first_line
 from optimizer.errors import ConfigError, MergeoptError
 from optimizer.merge import MergePlan
 from optimizer.search.baselines import baseline_plans
+from optimizer.search.fingerprint import check_fingerprint, models_fingerprint
 from optimizer.search.prepare import Prepared
-from optimizer.search.storage import make_storage
+from optimizer.search.storage import (
+    display_url,
+    fail_stale_running,
+    make_storage,
+    mark_owner,
+    recover_stale,
+    requeue,
+)
 
 __all__ = [
+    "CONFIG_ATTR",
+    "FINGERPRINT_ATTR",
+    "Interrupted",
     "TrialFailed",
     "count_complete",
     "load_study",
@@ -34,19 +51,40 @@ __all__ = [
     "open_study",
     "run_trials",
     "study_config",
+    "wait_for_config",
 ]
 
 #: Fields whose change would make old trials mean something else: a resumed study must match.
 _IDENTITY_FIELDS = ("base", "models", "method", "granularity", "group_size", "split_modules", "objectives")
+#: Study user attrs: the config (stored last by the creator: "set up") and the models' fingerprint.
+CONFIG_ATTR = "config"
+FINGERPRINT_ATTR = "models_fingerprint"
+#: How long a joining process waits for the creator to finish setting a new study up.
+SETUP_WAIT_SECONDS = 60.0
+#: How often a worker with nothing to start looks again (the last trials are others' to finish).
+POLL_SECONDS = 2.0
 
 
 class TrialFailed(Exception):
     """A candidate could not be built or scored; the trial is FAIL, the study continues."""
 
 
-def make_sampler(config: StudyConfig, n_existing: int = 0) -> optuna.samplers.BaseSampler:
-    """The configured sampler; its seed moves on with the study so a resume does not replay."""
-    seed = config.search.seed + n_existing
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the storage was left consistent; ``trial`` is the number cut short, if any."""
+
+    def __init__(self, trial: int | None):
+        super().__init__()
+        self.trial = trial
+
+
+def make_sampler(config: StudyConfig, n_existing: int = 0, salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; its seed moves on with the study so a resume does not replay.
+
+    ``salt`` (a worker's pid) keeps workers that join at the same moment from drawing the same
+    candidates. TPE runs with Optuna's default constant liar: running trials count as bad, so
+    parallel workers spread out.
+    """
+    seed = config.search.seed + n_existing + salt
     name = config.search.sampler
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
@@ -71,45 +109,99 @@ def _check_same_study(stored: StudyConfig, config: StudyConfig) -> None:
             )
 
 
-def open_study(prepared: Prepared) -> optuna.Study:
-    """Create the study, or load it if it exists (checking it is the same study)."""
-    config = prepared.config
-    storage = make_storage(config.storage_url())
-    existing = None
-    with contextlib.suppress(KeyError):  # KeyError: no such study yet
-        existing = optuna.load_study(study_name=config.name, storage=storage)
-    if existing is not None:
-        stored = existing.user_attrs.get("config")
-        if stored:
-            _check_same_study(config_from_json(stored), config)
-        n = len(existing.get_trials(deepcopy=False))
-        study = optuna.load_study(study_name=config.name, storage=storage, sampler=make_sampler(config, n))
-    else:
-        study = optuna.create_study(
-            study_name=config.name,
-            storage=storage,
-            directions=prepared.directions,
-            sampler=make_sampler(config),
-            load_if_exists=True,
-        )
-        study.set_metric_names([t.name for t in prepared.tasks])
-        study.set_user_attr("config", config.to_json())
-    if config.search.baselines:
-        _ensure_baselines(study, prepared)
-    return study
+def open_study(
+    prepared: Prepared,
+    *,
+    storage_url: str | None = None,
+    name: str | None = None,
+    create: bool = True,
+    salt: int = 0,
+) -> optuna.Study:
+    """Create the study, or join it if it exists: same config, same models on disk.
 
+    Any number of processes may call this at once on a new study. Exactly one of them creates
+    it (the storage's unique study name decides: the others get DuplicatedStudyError) and only
+    that one enqueues the baselines, so they are enqueued exactly once; it stores the config
+    last, and the others wait for the config before they use the study. Every check (config,
+    models' fingerprint) runs before this process writes anything to an existing study.
 
-def _ensure_baselines(study: optuna.Study, prepared: Prepared) -> None:
-    """Enqueue each baseline that has not run, is not queued, and is not running.
-
-    Idempotent, so a study interrupted before its baselines finished gets them on resume, and a
-    baseline whose worker was killed is left to the heartbeat's retry instead of doubled.
+    ``storage_url`` and ``name`` default to the config's; ``create=False`` joins only (workers);
+    ``salt`` moves the sampler's seed so that workers started together do not propose the same
+    candidates.
     """
-    live = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
-    have = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False, states=live)}
-    for label, plan in baseline_plans(prepared.space.models).items():
-        if label not in have:
+    config = prepared.config
+    name = name or config.name
+    url = storage_url or config.storage_url()
+    storage = make_storage(url, create=create)
+    fingerprint = models_fingerprint(prepared.models.base, prepared.models.specialists)
+    if _find(storage, name) is None:
+        if not create:
+            raise ConfigError(
+                f"no study {name!r} in {display_url(url)!r}; start it with `mergeopt search CONFIG` first"
+            )
+        with _Interrupts() as interrupts:  # a Ctrl-C waits until the new study is fully set up
+            created = _create(prepared, storage, name, fingerprint)
+        interrupts.check()
+        if created:
+            return optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(config, 0, salt))
+    study = optuna.load_study(study_name=name, storage=storage)
+    _check_same_study(config_from_json(wait_for_config(study)), config)
+    stored = study.user_attrs.get(FINGERPRINT_ATTR)
+    if stored:
+        paths = {"base": prepared.models.base, **prepared.models.specialists}
+        check_fingerprint(stored, fingerprint, paths, name)
+    fail_stale_running(study)  # journal storages have no heartbeat: retry trials of dead workers
+    n = len(study.get_trials(deepcopy=False))
+    return optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(config, n, salt))
+
+
+def _find(storage: optuna.storages.BaseStorage, name: str) -> int | None:
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+
+
+def _create(prepared: Prepared, storage: optuna.storages.BaseStorage, name: str, fingerprint: dict[str, str]) -> bool:
+    """Create and set up the study; False if another process created it first.
+
+    Setup order matters: the config goes last, because joiners take "has a config" to mean "is set
+    up" (baselines enqueued, fingerprint stored).
+    """
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, directions=prepared.directions)
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # set_metric_names
+        study.set_metric_names([t.name for t in prepared.tasks])
+    study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+    if prepared.config.search.baselines:
+        for label, plan in baseline_plans(prepared.space.models).items():
             study.enqueue_trial({}, user_attrs={"baseline": label, "plan": plan.to_dict()})
+    study.set_user_attr(CONFIG_ATTR, prepared.config.to_json())
+    return True
+
+
+def wait_for_config(study: optuna.Study, timeout: float = SETUP_WAIT_SECONDS) -> str:
+    """The study's stored config (JSON), waiting while its creator may still be setting it up.
+
+    A mergeopt study gets its config before any trial runs, so a study with a finished trial and
+    no config was not made by mergeopt: that is refused at once, and only a study without finished
+    trials is waited for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        stored = study.user_attrs.get(CONFIG_ATTR)
+        if stored:
+            return stored
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if finished or time.monotonic() > deadline:
+            raise ConfigError(
+                f"study {study.study_name!r} has no mergeopt config: it was not made by mergeopt, or the"
+                " process creating it stopped before storing it; use another study name"
+            )
+        time.sleep(0.25)
 
 
 def load_study(storage_url: str, name: str | None = None) -> optuna.Study:
@@ -119,12 +211,12 @@ def load_study(storage_url: str, name: str | None = None) -> optuna.Study:
     if name is None:
         if len(names) != 1:
             raise ConfigError(
-                f"storage {storage_url!r} holds {len(names)} studies ({', '.join(names) or 'none'});"
+                f"storage {display_url(storage_url)!r} holds {len(names)} studies ({', '.join(names) or 'none'});"
                 " name one with --name"
             )
         name = names[0]
     if name not in names:
-        raise ConfigError(f"no study {name!r} in {storage_url!r} (it has: {', '.join(names) or 'none'})")
+        raise ConfigError(f"no study {name!r} in {display_url(storage_url)!r} (it has: {', '.join(names) or 'none'})")
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -138,9 +230,8 @@ def study_config(study: optuna.Study) -> StudyConfig:
 
 @dataclass
 class _Budget:
-    """Stops the study at ``target`` COMPLETE trials or after too many failures in a row."""
+    """Counts this worker's failed trials in a row; too many stop it (the cause is not the candidates)."""
 
-    target: int
     max_failures: int
     failures_in_a_row: int = 0
     last_failure: str = ""
@@ -151,64 +242,200 @@ class _Budget:
             self.last_failure = str(trial.user_attrs.get("fail_reason", "unknown"))
         elif trial.state == TrialState.COMPLETE:
             self.failures_in_a_row = 0
-        if count_complete(study) >= self.target or self.failures_in_a_row >= self.max_failures:
-            study.stop()
+
+    def check(self) -> None:
+        if self.failures_in_a_row >= self.max_failures:
+            raise MergeoptError(
+                f"{self.failures_in_a_row} trials failed in a row (last: {self.last_failure}); stopping."
+                " Completed trials are saved; fix the cause and run the same command to resume"
+            )
 
 
-def _objective(prepared: Prepared, engine: Engine) -> Callable[[optuna.Trial], list[float]]:
+class _Interrupts:
+    """Ctrl-C that never lands inside a storage write.
+
+    SIGINT raises KeyboardInterrupt at once while this worker merges, scores, starts an engine or
+    waits: that is where its time goes, and nothing there is half written. Anywhere else (Optuna
+    asking for a trial, telling its result, writing attrs) the signal is noted and raised at the
+    next safe point, so no trial is left half recorded. Inert outside the main thread, where no
+    signal arrives anyway.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._open = 0
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.pending = True
+        if self._open:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """A safe point: raise a Ctrl-C that arrived while it could not be raised."""
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def allowed(self) -> Iterator[None]:
+        """A block a Ctrl-C may interrupt at once."""
+        self.check()
+        self._open += 1
+        try:
+            yield
+        finally:
+            self._open -= 1
+
+
+@dataclass
+class _Current:
+    """The trial this worker runs now (its number), for the cleanup after a Ctrl-C."""
+
+    number: int | None = None
+
+
+def _fail(trial: optuna.Trial, kind: str, reason: str) -> None:
+    trial.set_user_attr("fail_kind", kind)
+    trial.set_user_attr("fail_reason", reason)
+
+
+def _objective(
+    prepared: Prepared, engine: EngineSupervisor, interrupts: _Interrupts, current: _Current
+) -> Callable[[optuna.Trial], list[float]]:
     def objective(trial: optuna.Trial) -> list[float]:
+        current.number = trial.number
+        mark_owner(trial)  # lets a later worker on a journal storage tell a dead owner's trial
         stored = trial.user_attrs.get("plan")
         if stored is not None:
             plan = MergePlan.from_dict(stored)
         else:
             plan = prepared.space.suggest(trial)
             trial.set_user_attr("plan", plan.to_dict())
+        values: list[float] = []
         try:
             t0 = time.perf_counter()
-            engine.apply_plan(plan)
+            with interrupts.allowed():
+                engine.apply_plan(plan)
             t1 = time.perf_counter()
-            values = []
             for task in prepared.tasks:
-                value = task.score(engine, "search").value
+                with interrupts.allowed():
+                    value = task.score(engine, "search").value
                 if not math.isfinite(value):
-                    raise TrialFailed(f"objective {task.name!r} scored {value}; the merged model is degenerate")
+                    raise FloatingPointError(f"objective {task.name!r} scored {value}; the merged model is degenerate")
                 values.append(value)
+                mark_owner(trial)  # a beat per task: long trials stay visibly alive
             t2 = time.perf_counter()
-        except TrialFailed as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+        except KeyboardInterrupt:
+            _fail(trial, "interrupted", "interrupted")
             raise
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            trial.set_user_attr("fail_reason", reason)
+            if interrupts.pending:  # e.g. the engine's own processes got the terminal's Ctrl-C too
+                _fail(trial, "interrupted", "interrupted")
+                raise KeyboardInterrupt from exc
+            kind = classify(exc)
+            reason = {"candidate": "", "memory": "out of memory: ", "engine": "engine error: "}[kind]
+            reason += str(exc).splitlines()[0][:300] if kind == "candidate" else first_line(exc)
+            engine.record(kind, reason)
+            _fail(trial, kind, reason)
             raise TrialFailed(reason) from exc
+        engine.record(None)
         trial.set_user_attr("seconds", {"merge": round(t1 - t0, 4), "score": round(t2 - t1, 4)})
         return values
 
     return objective
 
 
+def _counts(study: optuna.Study) -> tuple[int, int]:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    return complete, len(trials) - complete
+
+
+def _release(study: optuna.Study, current: _Current) -> int | None:
+    """After a Ctrl-C: leave this worker's trial FAIL ("interrupted") with a retry enqueued.
+
+    Returns the interrupted trial's number, or None if no trial of ours was cut short (the Ctrl-C
+    came between trials, or after the trial's result was recorded).
+    """
+    if current.number is None:
+        return None
+    [trial] = [t for t in study.get_trials(deepcopy=False) if t.number == current.number]
+    if trial.state == TrialState.RUNNING:  # defensive: the deferral above should make this impossible
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_kind", "interrupted")
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted")
+        study.tell(trial.number, state=TrialState.FAIL)
+        [trial] = [t for t in study.get_trials(deepcopy=False) if t.number == current.number]
+    if trial.state != TrialState.FAIL or trial.user_attrs.get("fail_kind") != "interrupted":
+        return None
+    requeue(study, trial, max_retry=None)  # not the candidate's fault: always worth a retry
+    return trial.number
+
+
 def run_trials(
     prepared: Prepared,
     study: optuna.Study,
-    engine: Engine,
+    engine: Engine | EngineSupervisor,
     target: int,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+    *,
+    poll_seconds: float = POLL_SECONDS,
 ) -> int:
-    """Run until the study holds ``target`` COMPLETE trials; returns how many it holds."""
-    if count_complete(study) >= target:
-        return count_complete(study)
-    budget = _Budget(target, prepared.config.search.max_consecutive_failures)
-    study.optimize(
-        _objective(prepared, engine),
-        n_trials=None,
-        catch=(TrialFailed,),
-        callbacks=[budget, *(callbacks or [])],
-        gc_after_trial=False,
-        show_progress_bar=False,
-    )
-    if budget.failures_in_a_row >= budget.max_failures:
-        raise MergeoptError(
-            f"{budget.failures_in_a_row} trials failed in a row (last: {budget.last_failure}); stopping."
-            " Completed trials are saved; fix the cause and run the same command to resume"
-        )
+    """Run trials until the study holds ``target`` COMPLETE trials; returns how many it holds.
+
+    Any number of processes may run this on one study. Each starts a trial only while COMPLETE
+    plus RUNNING trials fall short of ``target``; otherwise it waits, retrying dead workers'
+    trials meanwhile, in case a running trial fails. So the study ends with at least ``target``
+    complete trials, and two workers that look at the same moment overshoot it by one.
+
+    A failed candidate (NaN/Inf, out of memory, engine error) is FAIL with its reason (user attrs
+    ``fail_reason``, ``fail_kind``) and the study goes on; repeated engine errors restart the
+    engine (see :mod:`optimizer.engines.supervisor`). On Ctrl-C the running trial becomes FAIL
+    ("interrupted") with a retry enqueued, and KeyboardInterrupt is raised with the storage
+    consistent: no trial of this process is left RUNNING.
+    """
+    supervisor = engine if isinstance(engine, EngineSupervisor) else EngineSupervisor.around(engine)
+    budget = _Budget(prepared.config.search.max_consecutive_failures)
+    current = _Current()
+    with _Interrupts() as interrupts:
+        objective = _objective(prepared, supervisor, interrupts, current)
+        try:
+            while True:
+                recover_stale(study)
+                complete, running = _counts(study)
+                if complete >= target:
+                    break
+                budget.check()
+                if complete + running >= target:  # others run the last trials; wait in case one fails
+                    with interrupts.allowed():
+                        time.sleep(poll_seconds)
+                    continue
+                with interrupts.allowed():  # engine start or restart, between trials
+                    if supervisor.needs_restart:
+                        supervisor.restart()
+                    else:
+                        supervisor()
+                current.number = None
+                study.optimize(
+                    objective,
+                    n_trials=1,
+                    catch=(TrialFailed,),
+                    callbacks=[budget, *(callbacks or [])],
+                    gc_after_trial=False,
+                    show_progress_bar=False,
+                )
+                interrupts.check()
+        except KeyboardInterrupt:
+            raise Interrupted(_release(study, current)) from None
     return count_complete(study)

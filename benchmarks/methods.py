@@ -1,0 +1,200 @@
+"""Every merge method on the zoo: at its defaults, and after the same fixed-budget search.
+
+One engine serves every method (candidates are merged in place), so the comparison costs one
+engine start. For each method:
+
+- ``defaults``: the method's default coefficients (its ``default_weight`` / ``default_density``
+  for every model, its default options), scored on the held-out split;
+- ``search``: a fresh multi-objective study (TPE, ``--trials`` trials, model-wise coefficients and
+  the method's searchable options, no baselines), then its balanced member — the one whose worst
+  task's normalized gain on the *search* split is highest — scored on the held-out split (the
+  choice never sees held-out data);
+- ``hi_merging``: its own unattended procedure (model-wise grid, contribution analysis, conflict
+  resolution) instead of a study, then the held-out score of the plan it chooses.
+
+Normalized gain per task is (merged − base) / (specialist − base) on held-out data; RegMean's
+Grams and HILA's golden data and importances are measured once, beside the work folder.
+
+    .venv/bin/python benchmarks/methods.py [--trials 24] [--engine vllm|hf] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import optuna  # noqa: E402
+
+from optimizer.config import config_from_dict  # noqa: E402
+from optimizer.engines import make_engine  # noqa: E402
+from optimizer.engines.base import ModelSet  # noqa: E402
+from optimizer.merge import MergePlan, ModelParams, get_method  # noqa: E402
+from optimizer.search.baselines import baseline_plans  # noqa: E402
+from optimizer.search.prepare import prepare  # noqa: E402
+from optimizer.search.study import make_sampler, run_trials  # noqa: E402
+from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "benchmarks" / ".work" / "methods"
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "regmean", "widen", "hila")
+
+
+def _config(zoo: Path, method: str, *, limit: int, held_out: int, trials: int) -> dict:
+    tasks = ("rev", "sort", "rot")
+    return {
+        "name": f"bench-{method}",
+        "base": str(zoo / "base"),
+        "models": {t: str(zoo / "specialists" / t) for t in tasks},
+        "method": method,
+        "granularity": "model",
+        "weight": {"low": 0.0, "high": 1.5},
+        "objectives": [
+            {
+                "name": t,
+                "data": str(zoo / "tasks" / t),
+                "metric": "exact_match",
+                "max_tokens": 14,
+                "limit": limit,
+                "held_out_limit": held_out,
+            }
+            for t in tasks
+        ],
+        "search": {"trials": trials, "seed": 0, "baselines": False},
+        # One data folder for every method: grams.safetensors, importance.safetensors, golden/.
+        "storage": f"sqlite:///{WORK / 'study.db'}",
+    }
+
+
+def _held_out(engine, prepared, plan: MergePlan) -> dict[str, float]:
+    engine.apply_plan(plan)
+    return {t.name: t.score(engine, "held_out").value for t in prepared.tasks}
+
+
+def _gain(scores: dict[str, float], base: dict[str, float], spec: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for t, v in scores.items():
+        span = spec[t] - base[t]
+        out[t] = (v - base[t]) / span if span else math.nan
+    return out
+
+
+def _default_plan(method: str, models: tuple[str, ...], prepared) -> MergePlan:
+    record = get_method(method)
+    params = {m: ModelParams(record.default_weight, record.default_density) for m in models}
+    return MergePlan(method, models, params, {**prepared.config.options, "seed": 0})
+
+
+def _balanced_search_member(study: optuna.Study, base: dict, spec: dict, names: list[str]):
+    def worst(trial) -> float:
+        gains = _gain(dict(zip(names, trial.values, strict=True)), base, spec)
+        return min(g for g in gains.values() if not math.isnan(g))
+
+    return max(study.best_trials, key=worst)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument("--limit", type=int, default=32, help="search examples per task")
+    parser.add_argument("--held-out", type=int, default=128, help="held-out examples per task")
+    parser.add_argument("--methods", default=",".join((*METHODS, "hi_merging")))
+    parser.add_argument("--quick", action="store_true", help="4 trials, 8 search examples: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.trials, args.limit, args.held_out = 4, 8, 32
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    zoo = default_zoo_dir()
+    build_zoo(zoo)
+    WORK.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in args.methods.split(",") if m]
+    cfgs = {
+        m: config_from_dict(_config(zoo, m, limit=args.limit, held_out=args.held_out, trials=args.trials))
+        for m in methods
+    }
+    t0 = time.perf_counter()
+    prepared = {m: prepare(cfg, say=print) for m, cfg in cfgs.items()}  # measures Grams / importances once
+    measure_s = time.perf_counter() - t0
+    first = prepared[methods[0]]
+    models = first.models
+    shared = ModelSet(models.base, models.specialists, data_dir=cfgs[methods[0]].study_dir())
+    t0 = time.perf_counter()
+    engine = make_engine(args.engine, shared)
+    start_s = time.perf_counter() - t0
+    names = [t.name for t in first.tasks]
+    refs = baseline_plans(models.names)
+    base = _held_out(engine, first, refs["base"])
+    base_search = {}
+    engine.apply_plan(refs["base"])
+    base_search = {t.name: t.score(engine, "search").value for t in first.tasks}
+    spec, spec_search = {}, {}
+    for t in names:
+        engine.apply_plan(refs[f"specialist:{t}"])
+        task = next(x for x in first.tasks if x.name == t)
+        spec[t] = task.score(engine, "held_out").value
+        spec_search[t] = task.score(engine, "search").value
+    results: dict[str, dict] = {}
+    for method in methods:
+        prep = prepared[method]
+        row: dict = {}
+        if method == "hi_merging":
+            from optimizer.analysis.contributions import hi_merging
+
+            t0 = time.perf_counter()
+            result = hi_merging(prep, engine, rounds=2, grid=(0.3, 0.7, 1.0), method="hi_merging")
+            held = _held_out(engine, prep, result.plan)
+            row["search"] = {
+                "held_out": held,
+                "gain": _gain(held, base, spec),
+                "evaluated": len(result.evaluations),
+                "probes": result.probes,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        else:
+            held = _held_out(engine, prep, _default_plan(method, models.names, prep))
+            row["defaults"] = {"held_out": held, "gain": _gain(held, base, spec)}
+            study = optuna.create_study(directions=prep.directions, sampler=make_sampler(prep.config))
+            t0 = time.perf_counter()
+            run_trials(prep, study, engine, args.trials)
+            seconds = time.perf_counter() - t0
+            best = _balanced_search_member(study, base_search, spec_search, names)
+            held = _held_out(engine, prep, MergePlan.from_dict(best.user_attrs["plan"]))
+            row["search"] = {
+                "held_out": held,
+                "gain": _gain(held, base, spec),
+                "trial": best.number,
+                "params": best.params,
+                "seconds": round(seconds, 1),
+            }
+        results[method] = row
+        shown = {k: {t: round(v, 3) for t, v in row[k]["gain"].items()} for k in row}
+        print(f"{method}: normalized gain {shown}", flush=True)
+    engine.close()
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
+        "engine": args.engine,
+        "trials": args.trials,
+        "search_examples": args.limit,
+        "held_out_examples": args.held_out,
+        "engine_start_s": round(start_s, 1),
+        "study_data_s": round(measure_s, 1),
+        "reference": {"base": base, "specialists": spec},
+        "methods": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / ("methods-quick.json" if args.quick else "methods.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
