@@ -39,6 +39,7 @@ def analyze_contributions_cmd(
     from optimizer.analysis.contributions import ContributionAnalysis, analyze_contributions
     from optimizer.cli import _console, _default_report_dir, _LazyEngine, _open
     from optimizer.merge import MergePlan
+    from optimizer.search.overrides import record_layer_overrides, with_study_overrides
     from optimizer.search.warm_starts import enqueue_warm_starts
 
     if split not in ("search", "held_out"):
@@ -79,7 +80,10 @@ def analyze_contributions_cmd(
     found = analysis.conflicts(threshold, margin=margin)
     console.print(f"{len(found)} conflicts; heatmap {png}; data {folder / 'contributions.json'}")
     if found:
-        console.print("worth their own coefficients: " + ", ".join(analysis.scopes_to_search(found)))
+        layers = record_layer_overrides(st, prepared, (layer for _, layer in found))
+        prepared = with_study_overrides(st, prepared)
+        own = "" if prepared.config.granularity == "model" else " (already: the study's granularity is per layer)"
+        console.print(f"layers searched with their own coefficients from now on: {', '.join(layers)}{own}")
     if enqueue:
         labels = enqueue_warm_starts(st, prepared, analysis, found)
         if labels:

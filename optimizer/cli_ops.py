@@ -28,6 +28,9 @@ EXIT_INTERRUPTED = 130
 
 
 def run_until(study: optuna.Study, prepared: Prepared, target: int, engine, *, resume: str) -> None:
+    from optimizer.search.overrides import with_study_overrides
+
+    prepared = with_study_overrides(study, prepared)  # layers a contribution analysis freed
     """Run ``study`` to ``target`` COMPLETE trials with ``engine`` (a ``cli._LazyEngine``).
 
     ``resume`` is the command that picks the run up again, shown after a Ctrl-C or a failed
@@ -166,8 +169,11 @@ def _summary_rows(info: StudyStatus) -> list[tuple[str, str]]:
         ("trials", f"{sum(info.states.values())}: {states}"),
         ("baselines", f"{info.baselines_done}/{info.baselines_total} complete"),
         ("front", f"{info.front} trials on the Pareto front"),
-        ("throughput", f"{_rate(info.rate_window)} complete in the last {info.window_hours:g} h,"
-                       f" {_rate(info.rate_overall)} overall"),
+        (
+            "throughput",
+            f"{_rate(info.rate_window)} complete in the last {info.window_hours:g} h,"
+            f" {_rate(info.rate_overall)} overall",
+        ),
         ("workers seen", f"{len(info.workers)} ({active} running a trial now)"),
         ("eta", _eta(info)),
     ]
@@ -215,8 +221,13 @@ def _print_rich(info: StudyStatus, console) -> None:
             workers.add_column(column)
         for w in info.workers:
             workers.add_row(
-                w.host, str(w.pid), str(w.trials), str(w.complete), str(w.failed),
-                f"{w.last_seen:%Y-%m-%d %H:%M:%S}", "running a trial" if w.active else "",
+                w.host,
+                str(w.pid),
+                str(w.trials),
+                str(w.complete),
+                str(w.failed),
+                f"{w.last_seen:%Y-%m-%d %H:%M:%S}",
+                "running a trial" if w.active else "",
             )
         console.print(workers)
 

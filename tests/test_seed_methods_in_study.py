@@ -139,6 +139,33 @@ def test_analyze_contributions_reports_conflicts_and_enqueues_warm_starts(zoo, t
     ran = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if "warm_start" in t.user_attrs]
     assert len(ran) == len(waiting)
 
+    # Conflicting layers get coefficients of their own in the model-wise space from then on
+    # (threshold/margin chosen so that every layer counts as a conflict: a deterministic check).
+    proc = run_cli(
+        "analyze",
+        "contributions",
+        str(study_dir),
+        "--threshold",
+        "10",
+        "--margin",
+        "-10",
+        "--no-enqueue",
+        cwd=tmp_path,
+        check=True,
+    )
+    layers = ["L00", "L01", "L02", "L03", "embed", "head"]
+    assert f"coefficients from now on: {', '.join(layers)}" in " ".join(proc.stdout.split())
+    study = optuna.load_study(study_name="ca", storage=f"sqlite:///{study_dir / 'study.db'}")
+    assert study.user_attrs["layer_overrides"] == layers
+    done = len(study.get_trials(states=(TrialState.COMPLETE,)))
+    run_cli("search", str(tmp_path / "ca.yaml"), "--trials", str(done + 2), cwd=tmp_path, check=True)
+    study = optuna.load_study(study_name="ca", storage=f"sqlite:///{study_dir / 'study.db'}")
+    newest = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)[-2:]
+    for trial in newest:
+        assert {f"{m}.{layer}.weight" for m in ("rev", "sort", "rot") for layer in layers} <= set(trial.params)
+        assert "rev.weight" in trial.params  # the shared model-wise coefficients stay
+        assert set(trial.user_attrs["plan"]["params"]) >= {"rev", "rev.L02", "sort.head"}
+
 
 def test_golden_command_writes_specialist_answers_once(zoo, tmp_path) -> None:
     config = write_config(tmp_path / "g.yaml", zoo_config("g", limit=4))

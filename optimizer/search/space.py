@@ -39,12 +39,15 @@ def _layer_groups(num_layers: int, size: int) -> list[tuple[str, list[int]]]:
 class SearchSpace:
     """Turns a study config into parameters and a trial into a plan."""
 
-    def __init__(self, config: StudyConfig, num_layers: int):
+    def __init__(self, config: StudyConfig, num_layers: int, layer_overrides: tuple[str, ...] = ()):
+        """``layer_overrides``: layers (``L03``, ``embed``, ``head``) that get coefficients of their own
+        in a model-wise space — the conflicting layers of a contribution analysis."""
         self.config = config
         self.models = tuple(config.models)
         self.num_layers = num_layers
         self.method = get_method(config.method)
-        self.groups = self._groups(config, num_layers)
+        self.layer_overrides = tuple(layer_overrides) if config.granularity == "model" else ()
+        self.groups = self._groups(config, num_layers) + [Group(label, (label,)) for label in self.layer_overrides]
 
     @staticmethod
     def _groups(config: StudyConfig, num_layers: int) -> list[Group]:
