@@ -336,3 +336,47 @@ def test_plan_json_round_trip():
     assert back == plan
     assert back.models == ("math", "code") and isinstance(back.params["math"], ModelParams)
     assert back.for_tensor(describe("model.layers.2.mlp.up_proj.weight"))[1] == ModelParams(-0.25, 0.9)
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.2, 0.5, 0.97])
+def test_band_top_k_selects_the_same_values_as_topk(fraction: float) -> None:
+    """The fast selection TIES uses on large tensors keeps exactly the top-k values."""
+    from optimizer.merge._sparsify import top_k_indices
+
+    gen = torch.Generator().manual_seed(1)
+    values = torch.randn(1 << 21, generator=gen).abs()
+    values[: 1 << 18] = 0.0  # many exact ties (untouched weights), as real task vectors have
+    k = int(fraction * values.numel())
+    ours = top_k_indices(values, k)
+    assert ours.numel() == k and torch.unique(ours).numel() == k
+    expected = torch.topk(values, k, sorted=False).values
+    assert torch.equal(torch.sort(values[ours]).values, torch.sort(expected).values)
+
+
+def test_breadcrumbs_on_large_tensors_keeps_the_band_below_the_outliers() -> None:
+    from optimizer.merge._sparsify import breadcrumbs
+
+    gen = torch.Generator().manual_seed(2)
+    delta = torch.randn(1 << 21, generator=gen)
+    kept = breadcrumbs(delta, density=0.3, gamma=0.05)
+    n = delta.numel()
+    order = torch.argsort(delta.abs(), descending=True)
+    n_top, keep = int(0.05 * n), int(0.3 * n)
+    assert int((kept != 0).sum()) == keep
+    assert torch.all(kept[order[:n_top]] == 0)  # the outliers are gone
+    assert torch.equal(kept[order[n_top : n_top + keep]], delta[order[n_top : n_top + keep]])
+
+
+def test_magnitude_on_large_tensors_equals_top_k_selection() -> None:
+    from optimizer.merge._sparsify import magnitude
+
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(1 << 21, generator=gen) * 0.01
+    for density in (0.05, 0.5, 0.9):
+        kept = magnitude(delta, density)
+        k = int(density * delta.numel())
+        idx = torch.topk(delta.abs(), k).indices
+        expected = torch.zeros_like(delta)
+        expected[idx] = delta[idx]
+        assert int((kept != 0).sum()) == k
+        assert torch.equal(kept, expected)

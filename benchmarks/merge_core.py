@@ -1,0 +1,115 @@
+"""Merge-core throughput: each method on large tensors against the machine's copy bandwidth.
+
+A merge of N specialists must read the base and N task vectors and write the result, so its
+floor is (N + 2) × tensor bytes over the memory bandwidth. This measures, in one run:
+
+- ``copy``: a plain ``dst.copy_(src)`` on the same size (read + write bytes / time);
+- each method's time per tensor (median of ``--repeats``), as *effective* GB/s = the minimal
+  bytes (N + 2) × tensor bytes / time, and as a share of the copy bandwidth.
+
+Where a GPU is available the same run repeats on it (``--device cuda``); the JSON records the
+device. RegMean includes its per-trial solve (Gram given), so it is compute-bound by design.
+
+    .venv/bin/python benchmarks/merge_core.py [--rows 4096 --cols 4096 --models 3 --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from optimizer.merge import ModelParams, get_method  # noqa: E402
+from optimizer.merge.regmean import RegMeanMerge  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "widen", "regmean")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up (allocations, kernels)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--models", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    dev = args.device
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(args.rows, args.cols, generator=gen).to(dev)
+    deltas = [(torch.randn(args.rows, args.cols, generator=gen) * 0.01).to(dev) for _ in range(args.models)]
+    nbytes = base.numel() * base.element_size()
+    src, dst = torch.randn_like(base), torch.empty_like(base)
+    copy_s = _time(lambda: dst.copy_(src), args.repeats, dev)
+    copy_gbs = 2 * nbytes / copy_s / 1e9
+    minimal = (args.models + 2) * nbytes
+    params = [ModelParams(0.5 + 0.2 * i, 0.5) for i in range(args.models)]
+    generator = torch.Generator(device=dev).manual_seed(0)
+    rows = {}
+    for name in METHODS:
+        method = get_method(name)
+        options = dict(method.options)
+        merge = method.merge
+        if name == "regmean":
+            # Grams of the layer inputs (cols × cols): measured once per study, given here.
+            grams = []
+            for _ in range(args.models):
+                x = torch.randn(4 * args.cols, args.cols, generator=gen).to(dev)
+                grams.append(x.T @ x / x.shape[0])
+            merge = RegMeanMerge({"model.layers.0.mlp.down_proj": grams}).for_tensor(
+                "model.layers.0.mlp.down_proj.weight"
+            )
+        seconds = _time(lambda m=merge, o=options: m(base, deltas, params, o, generator), args.repeats, dev)
+        gbs = minimal / seconds / 1e9
+        rows[name] = {
+            "seconds": round(seconds, 5),
+            "effective_GBps": round(gbs, 2),
+            "of_copy": round(gbs / copy_gbs, 3),
+        }
+        print(f"{name:18s} {seconds * 1000:8.1f} ms  {gbs:6.1f} GB/s  {gbs / copy_gbs:6.1%} of copy", flush=True)
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "CPU only (no GPU on this run)",
+        "threads": torch.get_num_threads(),
+        "tensor": [args.rows, args.cols],
+        "dtype": "float32",
+        "models": args.models,
+        "copy_GBps": round(copy_gbs, 2),
+        "methods": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "" if dev == "cpu" else "-gpu"
+    path = RESULTS / f"merge_core{suffix}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"copy {copy_gbs:.1f} GB/s; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
