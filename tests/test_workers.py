@@ -14,9 +14,11 @@ stand-in engine (a test double in this file), since no accelerator memory can ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -302,7 +304,7 @@ def test_ctrl_c_marks_the_trial_interrupted_and_resume_finishes(zoo, tmp_path: P
     try:
         study = _study(f"sqlite:///{db}", "int")
         _wait("3 complete trials", lambda: len(study.get_trials(states=(TrialState.COMPLETE,))) >= 3, [proc])
-        cut = _freeze_in_trial(proc, study)
+        cut = _freeze_in_trial(proc, db)
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGCONT)
         proc.wait(timeout=60)
@@ -370,14 +372,26 @@ def test_out_of_memory_fails_the_trial_without_restarting_the_engine(zoo, tmp_pa
     assert supervisor.starts == 1 and supervisor.engine_failures == 0
 
 
-def _freeze_in_trial(proc: subprocess.Popen, study: optuna.Study) -> int:
-    """SIGSTOP ``proc`` inside a trial's engine work (a RUNNING trial with its plan); returns its number."""
+def _freeze_in_trial(proc: subprocess.Popen, db: Path) -> int:
+    """SIGSTOP ``proc`` inside a trial's engine work (a RUNNING trial with its plan); returns its number.
+
+    The check reads the SQLite file directly with a near-zero lock timeout: the process may be
+    stopped while it holds the write lock, and then the check must give up at once and let it go on.
+    """
+    query = (
+        "SELECT t.number FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id"
+        " WHERE t.state = 'RUNNING' AND a.key = 'plan'"
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         proc.send_signal(signal.SIGSTOP)
-        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if "plan" in t.user_attrs]
+        try:
+            with contextlib.closing(sqlite3.connect(db, timeout=0.05)) as con:
+                running = [row[0] for row in con.execute(query)]
+        except sqlite3.OperationalError:
+            running = []  # stopped while holding the write lock: let it go on and try again
         if running:
-            return running[0].number
+            return running[0]
         proc.send_signal(signal.SIGCONT)
         time.sleep(0.02)
     pytest.fail("never caught the search inside a trial")
