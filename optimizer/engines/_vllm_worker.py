@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from optimizer.merge._registry import MergeMethod
-from optimizer.merge.apply import iter_merged, task_vectors
+from optimizer.merge.apply import iter_merged
 from optimizer.merge.plan import MergePlan
 from optimizer.merge.study_data import bind
 from optimizer.models import check_compatible, load_state_dict
@@ -50,19 +50,23 @@ class MergeWorkerExtension:
         param = next(model.parameters())
         dtype = torch.float32 if param.dtype == torch.float32 else param.dtype
         base_sd = load_state_dict(base, dtype)
-        states = []
+        device = param.device
+        self.mergeopt_base = {k: v.to(device) for k, v in base_sd.items()}
+        # One specialist at a time, turned into its task vector at once: the load never holds more
+        # than base + N task vectors + one checkpoint (a list of all checkpoints first would peak
+        # at 2N + 1 model copies; measured in benchmarks/memory.py).
+        self.mergeopt_deltas: dict[str, list[torch.Tensor]] = {k: [] for k in base_sd}
         for name, path in specialists.items():
             state = load_state_dict(path, dtype)
             check_compatible(base_sd, state, name)
-            states.append(state)
-        device = param.device
-        self.mergeopt_base = {k: v.to(device) for k, v in base_sd.items()}
-        self.mergeopt_deltas = task_vectors(self.mergeopt_base, [{k: s[k].to(device) for k in base_sd} for s in states])
+            for k, b in self.mergeopt_base.items():
+                self.mergeopt_deltas[k].append(state.pop(k).to(device) - b)
+            del state
         self.mergeopt_models = tuple(specialists)
         self.mergeopt_data_dir = Path(data_dir) if data_dir else None
         self.mergeopt_base_dir = Path(base)
         self.mergeopt_bound: dict[str, MergeMethod] = {}
-        nbytes = sum(t.numel() * t.element_size() for t in self.mergeopt_base.values()) * (1 + len(states))
+        nbytes = sum(t.numel() * t.element_size() for t in self.mergeopt_base.values()) * (1 + len(specialists))
         return {"tensors": len(self.mergeopt_base), "bytes": nbytes, "device": str(device)}
 
     @torch.no_grad()
