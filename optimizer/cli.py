@@ -53,8 +53,19 @@ def _open(study: str, name: str | None):
     from optimizer.search.prepare import prepare
     from optimizer.search.study import load_study, study_config
 
-    st = load_study(_storage_url(study), name)
-    return st, prepare(study_config(st))
+    url = _storage_url(study)
+    st = load_study(url, name)
+    return st, prepare(_located(study_config(st), url))
+
+
+def _located(config, url: str):
+    """The stored config, pointed at the storage actually opened.
+
+    A stored config usually names no storage (the default is ``studies/<name>/`` under the
+    directory the search ran from); the study's files (cached Grams, golden data) live beside the
+    storage that was opened, whatever directory a later command runs from.
+    """
+    return config if config.storage else config.model_copy(update={"storage": url})
 
 
 class _LazyEngine:
@@ -187,7 +198,7 @@ def export(
     from optimizer.search.study import load_study, study_config
 
     st = load_study(_storage_url(study), name)
-    path = export_trial(st, study_config(st), trial, out, storage_arg=study)
+    path = export_trial(st, _located(study_config(st), _storage_url(study)), trial, out, storage_arg=study)
     _console().print(f"exported trial {trial} to {path}")
 
 

@@ -82,7 +82,7 @@ def worker(
     """
     import optuna
 
-    from optimizer.cli import _LazyEngine, _storage_url
+    from optimizer.cli import _LazyEngine, _located, _storage_url
     from optimizer.config import config_from_json
     from optimizer.search.prepare import prepare
     from optimizer.search.storage import display_url
@@ -94,7 +94,7 @@ def worker(
         raise MergeoptError(f"--restart-engine-after {restart_engine_after}: give a positive number of failures")
     url = _storage_url(storage)
     config = config_from_json(wait_for_config(load_study(url, study)))  # nothing is written until joined
-    prepared = prepare(config)  # the models' and data's paths must exist here, and match
+    prepared = prepare(_located(config, url))  # models and data must exist here, and match
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress line shows each failure's reason
     joined = open_study(prepared, storage_url=url, name=study, create=False, salt=os.getpid())
     target = trials if trials is not None else config.search.trials
