@@ -78,8 +78,7 @@ def plan_to_mergekit(
     missing = [m for m in plan.models if m not in model_paths]
     if missing:
         raise ConfigError(
-            f"no model path for {missing[0]!r}; pass model_paths for every model of the plan"
-            f" ({', '.join(plan.models)})"
+            f"no model path for {missing[0]!r}; pass model_paths for every model of the plan ({', '.join(plan.models)})"
         )
     _check_scopes(plan, num_layers)
 
@@ -117,9 +116,7 @@ def to_yaml(
     """:func:`plan_to_mergekit` as YAML text for ``mergekit-yaml config.yml OUT``."""
     import yaml
 
-    config = plan_to_mergekit(
-        plan, base_path=base_path, model_paths=model_paths, num_layers=num_layers, dtype=dtype
-    )
+    config = plan_to_mergekit(plan, base_path=base_path, model_paths=model_paths, num_layers=num_layers, dtype=dtype)
     header = f"# mergekit config written by mergeopt from a {plan.method!r} plan.\n"
     if config["merge_method"].startswith("dare"):
         header += "# DARE masks come from mergekit's RNG (--random-seed), not mergeopt's seed.\n"

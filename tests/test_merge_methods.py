@@ -198,9 +198,7 @@ def test_bf16_is_merged_in_fp32_and_returned_in_bf16():
 
 
 def _plan(method: str, densities: dict[str, float], seed: int = 0) -> MergePlan:
-    return MergePlan(
-        method, tuple(densities), {m: ModelParams(1.0, d) for m, d in densities.items()}, {"seed": seed}
-    )
+    return MergePlan(method, tuple(densities), {m: ModelParams(1.0, d) for m, d in densities.items()}, {"seed": seed})
 
 
 NAME = "model.layers.0.mlp.up_proj.weight"

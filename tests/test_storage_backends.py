@@ -222,7 +222,10 @@ def test_url_paths() -> None:
 
 
 def test_display_url_hides_only_the_password() -> None:
-    assert display_url("postgresql+psycopg2://me:s3cr:et@db.lan:5432/opt") == "postgresql+psycopg2://me:***@db.lan:5432/opt"
+    assert (
+        display_url("postgresql+psycopg2://me:s3cr:et@db.lan:5432/opt")
+        == "postgresql+psycopg2://me:***@db.lan:5432/opt"
+    )
     assert display_url("postgresql://me@db.lan/opt") == "postgresql://me@db.lan/opt"
     assert display_url("journal:///tmp/x.log") == "journal:///tmp/x.log"
 

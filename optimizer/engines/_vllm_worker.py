@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from optimizer.engines._allocator import retain_freed_memory
+from optimizer.merge._precision import all_finite
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.apply import iter_merged
 from optimizer.merge.plan import MergePlan
@@ -43,6 +45,7 @@ class MergeWorkerExtension:
         """
         if owner_pid is not None:
             _watch_owner(owner_pid)
+        retain_freed_memory()  # every merge allocates the same sizes again: keep pages mapped
         # Every in-place reload warns that RotaryEmbedding (buffers only, nothing to load) kept its
         # tensors; that is expected for a merge, and would otherwise print once per trial.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
@@ -85,7 +88,7 @@ class MergeWorkerExtension:
         def weights():
             nonlocal finite
             for name, tensor in iter_merged(merge_plan, self.mergeopt_base, self.mergeopt_deltas, method):
-                if finite and not torch.isfinite(tensor).all():
+                if finite and not all_finite(tensor):
                     finite = False
                 yield name, tensor
 

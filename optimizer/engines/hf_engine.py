@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from optimizer.engines._allocator import retain_freed_memory
 from optimizer.engines.base import Engine, LogLikelihood, ModelSet, encode_pair
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.apply import iter_merged, task_vectors
@@ -32,6 +33,7 @@ class HFEngine(Engine):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one engine start is not worth a progress bar in a study log
+        retain_freed_memory()  # every merge allocates the same sizes again: keep pages mapped
         self.models = models
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -83,10 +83,10 @@ def check_finite(engine: Engine) -> None:
     parameters = getattr(model, "parameters", None)
     if parameters is None:
         return
-    import torch
+    from optimizer.merge._precision import all_finite
 
     for p in parameters():
-        if not bool(torch.isfinite(p).all()):
+        if not all_finite(p):
             raise FloatingPointError("the merged weights contain NaN or Inf")
 
 

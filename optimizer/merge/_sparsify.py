@@ -104,6 +104,38 @@ def _band(values: torch.Tensor, k: int) -> tuple[float, float]:
     return float(bounds[0]), float(bounds[1])
 
 
+#: Attribute under which a task vector carries its own |τ| sorted once (see _sorted_top_k_mask).
+_SORTED_ATTR = "_mergeopt_sorted_magnitudes"
+
+
+def _sorted_top_k_mask(delta: torch.Tensor, mags: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Top-k mask of a small task vector from its magnitudes sorted once, not once per merge.
+
+    A search merges the same task vectors hundreds of times with only the density changing, and
+    on small tensors a ``topk`` per tensor and model was most of a TIES merge (29 of 52 ms per
+    candidate on the zoo). The order of |τ| never changes, so the k-th largest is one lookup in a
+    descending copy kept on the tensor itself (it lives and dies with the task vector; its
+    ``_version`` guards against in-place edits). Only below the band-search size, where the copy
+    is cheap; None for larger tensors, for a transient tensor (a dtype cast made per merge would
+    only pay the sort), and for exact ties at the threshold (then index selection picks exactly k).
+    """
+    n = mags.numel()
+    if n >= _BAND_MIN_NUMEL or k >= n:
+        return None
+    cached = getattr(delta, _SORTED_ATTR, None)
+    if cached is None or cached[0] != delta._version:
+        cached = (delta._version, torch.sort(mags, descending=True).values)
+        try:
+            setattr(delta, _SORTED_ATTR, cached)
+        except (AttributeError, RuntimeError):  # a tensor type without attributes: nothing to keep
+            return None
+    ordered = cached[1]
+    threshold = ordered[k - 1]
+    if bool(ordered[k] == threshold):  # ties at the threshold: "≥ threshold" would keep more than k
+        return None
+    return mags >= threshold
+
+
 def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
     """Top-k by magnitude over the whole tensor, k = max(1, ⌊density·numel⌋)."""
     if density >= 1:
@@ -114,9 +146,11 @@ def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> 
     flat = delta.reshape(-1)
     # Selection on |τ| in float32 at least, so bf16 ties are broken the same way on every device.
     mags = flat.abs().float()
-    mask = top_k_mask(mags, k)
+    mask = _sorted_top_k_mask(delta, mags, k)
+    if mask is None:
+        mask = top_k_mask(mags, k)
     if mask is not None:  # large tensors: a threshold, no index lists
-        kept = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+        kept = torch.where(mask, flat, 0.0)
     else:
         idx = top_k_indices(mags, k)
         kept = torch.zeros_like(flat)

@@ -426,18 +426,22 @@ def _this_process() -> dict[str, Any]:
     }
 
 
-def mark_owner(trial: optuna.Trial) -> None:
+def mark_owner(trial: optuna.Trial, *, min_interval: float = 0.0) -> None:
     """Record in ``trial`` which process runs it, and when it last showed life.
 
     Call it when a trial starts, and again now and then in a long trial (after each scored task,
     say): the first call writes the user attr ``owner`` = {host, boot, pid, pid_start, started,
     beat}; a later call from the same process only moves ``beat`` on. :func:`owner_alive` reads it.
-    Cheap on every storage, and on a heartbeat storage it only serves as a label.
+    Each call is a storage write, so a beat younger than ``min_interval`` seconds is not moved
+    on: a beat only matters after :data:`STALE_SECONDS`, and short trials should not pay a write
+    per task for it. On a heartbeat storage it only serves as a label.
     """
     now = time.time()
     me = _this_process()
     owner = trial.user_attrs.get(OWNER_ATTR)
     if isinstance(owner, dict) and all(owner.get(k) == v for k, v in me.items()):
+        if now - float(owner.get("beat", 0.0)) < min_interval:
+            return
         owner = {**owner, "beat": now}
     else:
         owner = {**me, "started": now, "beat": now}

@@ -61,6 +61,9 @@ CONFIG_ATTR = "config"
 FINGERPRINT_ATTR = "models_fingerprint"
 #: How long a joining process waits for the creator to finish setting a new study up.
 SETUP_WAIT_SECONDS = 60.0
+#: The least time between two beats of a running trial's owner (each is a storage write; a
+#: journal worker is judged dead only after STALE_SECONDS without one, on another machine).
+BEAT_SECONDS = 60.0
 #: How often a worker with nothing to start looks again (the last trials are others' to finish).
 POLL_SECONDS = 2.0
 
@@ -335,7 +338,7 @@ def _objective(
                 if not math.isfinite(value):
                     raise FloatingPointError(f"objective {task.name!r} scored {value}; the merged model is degenerate")
                 values.append(value)
-                mark_owner(trial)  # a beat per task: long trials stay visibly alive
+                mark_owner(trial, min_interval=BEAT_SECONDS)  # long trials stay visibly alive
             t2 = time.perf_counter()
         except KeyboardInterrupt:
             _fail(trial, "interrupted", "interrupted")
