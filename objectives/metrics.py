@@ -14,15 +14,41 @@ from dataclasses import dataclass
 
 from optimizer.engines.base import Engine
 
-__all__ = ["METRICS", "ExactMatch", "GoldenNLL", "Metric", "MetricResult", "MultipleChoice", "make_metric"]
+__all__ = [
+    "METRICS",
+    "ExactMatch",
+    "GoldenNLL",
+    "Metric",
+    "MetricResult",
+    "MultipleChoice",
+    "combine",
+    "make_metric",
+]
 
 
 @dataclass(frozen=True)
 class MetricResult:
-    """The aggregate score and each example's contribution (for parity checks and reports)."""
+    """The aggregate score and each example's contribution (for parity checks and reports).
+
+    ``weights``: how much each example counts in ``value`` (tokens, for a per-token NLL); None
+    when ``value`` is the plain mean of ``per_example``. It lets scores of disjoint parts of a
+    split be combined into exactly the score of the whole (:func:`combine`).
+    """
 
     value: float
     per_example: list[float]
+    weights: list[float] | None = None
+
+
+def combine(parts: Sequence[MetricResult]) -> MetricResult:
+    """The score of the union of disjoint example sets, from each set's result."""
+    per = [x for part in parts for x in part.per_example]
+    if all(part.weights is None for part in parts):
+        return MetricResult(sum(per) / len(per) if per else math.nan, per)
+    weights = [w for part in parts for w in (part.weights or [1.0] * len(part.per_example))]
+    total = sum(weights)
+    value = sum(x * w for x, w in zip(per, weights, strict=True)) / total if total else math.nan
+    return MetricResult(value if math.isfinite(value) else math.inf, per, weights)
 
 
 class Metric(ABC):
@@ -31,6 +57,8 @@ class Metric(ABC):
     name: str
     direction: str = "maximize"
     required_fields: tuple[str, ...] = ()
+    #: Each example scores 0 or 1 (a hit rate), so a partial score has a binomial error.
+    binary: bool = False
 
     @abstractmethod
     def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
@@ -46,6 +74,7 @@ class ExactMatch(Metric):
     """Greedy generation until a stop string; 1 if it equals the target, else 0."""
 
     name = "exact_match"
+    binary = True
 
     def __init__(self, *, prompt_field: str, target_field: str, stop: Sequence[str], max_tokens: int):
         self.prompt_field, self.target_field = prompt_field, target_field
@@ -70,6 +99,7 @@ class MultipleChoice(Metric):
     """
 
     name = "mc_loglik"
+    binary = True
 
     def __init__(self, *, prompt_field: str, target_field: str, choices_field: str):
         self.prompt_field, self.target_field, self.choices_field = prompt_field, target_field, choices_field
@@ -115,7 +145,8 @@ class GoldenNLL(Metric):
         per = [-ll.logprob / max(ll.num_tokens, 1) for ll in lls]
         total_tokens = sum(ll.num_tokens for ll in lls)
         value = -sum(ll.logprob for ll in lls) / max(total_tokens, 1)
-        return MetricResult(value if math.isfinite(value) else math.inf, per)
+        weights = [float(max(ll.num_tokens, 1)) for ll in lls]
+        return MetricResult(value if math.isfinite(value) else math.inf, per, weights)
 
 
 METRICS = ("exact_match", "mc_loglik", "nll")

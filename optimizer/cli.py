@@ -102,7 +102,7 @@ def _search(config_path: Path, prepared, trials: int | None, engine: _LazyEngine
     from optimizer.cli_methods import run_hi_merging_stage
     from optimizer.cli_ops import run_until
     from optimizer.search.storage import display_url
-    from optimizer.search.study import count_complete, open_study
+    from optimizer.search.study import count_finished, open_study
 
     # Our progress line (with each failure's reason) replaces Optuna's per-trial log and tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -111,9 +111,9 @@ def _search(config_path: Path, prepared, trials: int | None, engine: _LazyEngine
     target = trials if trials is not None else config.search.trials
     study = open_study(prepared)
     run_hi_merging_stage(study, prepared, engine, console)  # method: hi_merging only, once per study
-    done = count_complete(study)
+    done = count_finished(study)
     console.print(
-        f"study [bold]{config.name}[/] at {display_url(config.storage_url())}: {done} complete, target {target}"
+        f"study [bold]{config.name}[/] at {display_url(config.storage_url())}: {done} finished, target {target}"
         f" ({len(prepared.space.distributions())} parameters, method {config.method}, engine {config.engine})"
     )
     if done < target:

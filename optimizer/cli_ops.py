@@ -86,7 +86,7 @@ def worker(
     from optimizer.config import config_from_json
     from optimizer.search.prepare import prepare
     from optimizer.search.storage import display_url
-    from optimizer.search.study import count_complete, load_study, open_study, wait_for_config
+    from optimizer.search.study import count_finished, load_study, open_study, wait_for_config
 
     if trials is not None and trials <= 0:
         raise MergeoptError(f"--trials {trials}: the trial count must be a positive number")
@@ -101,7 +101,7 @@ def worker(
     shown = display_url(url)
     _console().print(
         f"worker {socket.gethostname()} pid {os.getpid()} joined study [bold]{study}[/] at {shown}:"
-        f" {count_complete(joined)} complete, target {target} (engine {config.engine})",
+        f" {count_finished(joined)} finished, target {target} (engine {config.engine})",
         soft_wrap=True,
     )
     engine = _LazyEngine(prepared, restart_after=restart_engine_after)
@@ -109,7 +109,7 @@ def worker(
         run_until(joined, prepared, target, engine, resume=f"mergeopt worker --storage {shown} --study {study}")
     finally:
         engine.close()
-    _console().print(f"study {study} holds {count_complete(joined)} complete trials (target {target})")
+    _console().print(f"study {study} holds {count_finished(joined)} finished trials (target {target})")
 
 
 def status(

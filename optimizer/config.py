@@ -8,6 +8,7 @@ and the fix; pydantic's multi-line reports never reach the user.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from optimizer.errors import ConfigError
 
 __all__ = [
     "Bounds",
+    "EarlyRejectionConfig",
     "ObjectiveConfig",
     "SearchConfig",
     "StudyConfig",
@@ -85,6 +87,26 @@ class HiMergingConfig(_Strict):
     cross: bool = False
 
 
+class EarlyRejectionConfig(_Strict):
+    """Score a candidate on growing shares of the search examples and stop it once it is
+    clearly dominated (see :mod:`optimizer.search.early_rejection`)."""
+
+    enabled: bool = True
+    # Shares of each task's search examples after which the candidate is checked (the full set
+    # always comes last); each must be in (0, 1), increasing.
+    stages: list[float] = Field(default_factory=lambda: [0.25, 0.5])
+    # Width of the optimistic bound, in standard errors: 2 ≈ a 2.3 % chance per check and task
+    # of rejecting a candidate whose full score would not have been dominated.
+    z: float = Field(default=2.0, gt=0.0)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 < x < 1.0 for x in v) or any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError(f"early_rejection.stages {v} must be increasing shares strictly between 0 and 1")
+        return v
+
+
 class SearchConfig(_Strict):
     """How the study searches: budget, sampler, baselines."""
 
@@ -94,6 +116,8 @@ class SearchConfig(_Strict):
     baselines: bool = True
     max_consecutive_failures: int = Field(default=5, gt=0)
     hi_merging: HiMergingConfig = HiMergingConfig()
+    # Off unless set: `early_rejection: {}` turns it on with the defaults.
+    early_rejection: EarlyRejectionConfig | None = None
 
 
 class StudyConfig(_Strict):

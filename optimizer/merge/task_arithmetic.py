@@ -22,12 +22,16 @@ def merge_task_arithmetic(
     options: Mapping[str, object],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    merged = base.clone()
     scale = float(options.get("lambda", 1.0))
+    merged: torch.Tensor | None = None
     for p, tau in zip(params, deltas, strict=True):
-        if p.weight != 0.0:
+        if p.weight == 0.0:
+            continue
+        if merged is None:  # the first add writes the output: no separate copy of the base
+            merged = torch.add(base, tau, alpha=p.weight * scale)
+        else:
             merged.add_(tau, alpha=p.weight * scale)
-    return merged
+    return base.clone() if merged is None else merged
 
 
 TASK_ARITHMETIC = register(

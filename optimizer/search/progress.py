@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from optimizer.search.storage import OWNER_ATTR, owner_alive
-from optimizer.search.study import count_complete
+from optimizer.search.study import FINISHED, count_finished
 
 __all__ = ["FailureGroup", "SearchProgress", "StudyStatus", "WorkerSeen", "study_status"]
 
@@ -39,12 +39,12 @@ def _summary(study: optuna.Study) -> tuple[str, int]:
 
 
 class SearchProgress:
-    """An Optuna callback that shows progress towards ``target`` COMPLETE trials."""
+    """An Optuna callback that shows progress towards ``target`` finished trials (complete or rejected early)."""
 
     def __init__(self, study: optuna.Study, target: int, console: Console | None = None):
         self.console = console or Console(stderr=True)
         self.target = target
-        self.start_done = count_complete(study)
+        self.start_done = count_finished(study)
         self.t0 = time.monotonic()
         self.live = self.console.is_terminal
         self.progress = Progress(
@@ -68,7 +68,7 @@ class SearchProgress:
             self.progress.stop()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        done = count_complete(study)
+        done = count_finished(study)
         text, _ = _summary(study)
         if self.live:
             self.progress.update(self.task, completed=done, description=text)
@@ -128,13 +128,14 @@ class StudyStatus:
     baselines_done: int
     baselines_total: int
     window_hours: float
-    rate_window: float | None  # COMPLETE trials per hour in the last window_hours
+    rate_window: float | None  # finished trials per hour in the last window_hours
     rate_overall: float | None  # ... from the first trial's start to the last completion
     workers: list[WorkerSeen]
 
     @property
     def remaining(self) -> int | None:
-        return None if self.target is None else max(self.target - self.states.get("COMPLETE", 0), 0)
+        finished = sum(self.states.get(s.name, 0) for s in FINISHED)
+        return None if self.target is None else max(self.target - finished, 0)
 
     @property
     def rate_for_eta(self) -> float | None:
@@ -206,7 +207,8 @@ def study_status(
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    ends = sorted(s for t in complete if (s := _stamp(t.datetime_complete)) is not None)
+    finished = [t for t in trials if t.state in FINISHED]  # a rejected candidate is throughput too
+    ends = sorted(s for t in finished if (s := _stamp(t.datetime_complete)) is not None)
     starts = [s for t in trials if (s := _stamp(t.datetime_start)) is not None]
     rate_window = rate_overall = None
     if ends and starts:

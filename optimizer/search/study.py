@@ -29,6 +29,7 @@ from optimizer.engines.supervisor import EngineSupervisor, classify, first_line
 from optimizer.errors import ConfigError, MergeoptError
 from optimizer.merge import MergePlan
 from optimizer.search.baselines import baseline_plans
+from optimizer.search.early_rejection import Rejected, StagedScorer
 from optimizer.search.fingerprint import check_fingerprint, models_fingerprint
 from optimizer.search.prepare import Prepared
 from optimizer.search.storage import (
@@ -46,6 +47,7 @@ __all__ = [
     "Interrupted",
     "TrialFailed",
     "count_complete",
+    "count_finished",
     "load_study",
     "make_sampler",
     "open_study",
@@ -100,6 +102,15 @@ def make_sampler(config: StudyConfig, n_existing: int = 0, salt: int = 0) -> opt
 
 def count_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+#: Trial states that used up a share of the budget: scored, or rejected early (PRUNED).
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Trials that count towards the target: complete, or rejected early."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def _check_same_study(stored: StudyConfig, config: StudyConfig) -> None:
@@ -317,6 +328,28 @@ def _fail(trial: optuna.Trial, kind: str, reason: str) -> None:
 def _objective(
     prepared: Prepared, engine: EngineSupervisor, interrupts: _Interrupts, current: _Current
 ) -> Callable[[optuna.Trial], list[float]]:
+    rejection = prepared.config.search.early_rejection
+    staged = (
+        StagedScorer(prepared.tasks, rejection, prepared.config.search.seed)
+        if rejection is not None and rejection.enabled
+        else None
+    )
+
+    def score_all(trial: optuna.Trial, enqueued: bool) -> list[float]:
+        def beat() -> None:
+            mark_owner(trial, min_interval=BEAT_SECONDS)  # long trials stay visibly alive
+
+        if staged is not None and not enqueued:  # baselines and retries are always scored in full
+            front = [(t.number, t.values) for t in trial.study.best_trials]
+            with interrupts.allowed():
+                return staged.score(engine, front, on_stage=beat)
+        values = []
+        for task in prepared.tasks:
+            with interrupts.allowed():
+                values.append(task.score(engine, "search").value)
+            beat()
+        return values
+
     def objective(trial: optuna.Trial) -> list[float]:
         current.number = trial.number
         mark_owner(trial)  # lets a later worker on a journal storage tell a dead owner's trial
@@ -326,22 +359,27 @@ def _objective(
         else:
             plan = prepared.space.suggest(trial)
             trial.set_user_attr("plan", plan.to_dict())
-        values: list[float] = []
         try:
             t0 = time.perf_counter()
             with interrupts.allowed():
                 engine.apply_plan(plan)
             t1 = time.perf_counter()
-            for task in prepared.tasks:
-                with interrupts.allowed():
-                    value = task.score(engine, "search").value
+            try:
+                values = score_all(trial, enqueued=stored is not None)
+            except Rejected as rejected:
+                t2 = time.perf_counter()
+                engine.record(None)
+                trial.set_user_attr("rejected", rejected.details)
+                trial.set_user_attr("seconds", {"merge": round(t1 - t0, 4), "score": round(t2 - t1, 4)})
+                raise optuna.TrialPruned(str(rejected)) from None
+            for task, value in zip(prepared.tasks, values, strict=True):
                 if not math.isfinite(value):
                     raise FloatingPointError(f"objective {task.name!r} scored {value}; the merged model is degenerate")
-                values.append(value)
-                mark_owner(trial, min_interval=BEAT_SECONDS)  # long trials stay visibly alive
             t2 = time.perf_counter()
         except KeyboardInterrupt:
             _fail(trial, "interrupted", "interrupted")
+            raise
+        except optuna.TrialPruned:
             raise
         except Exception as exc:
             if interrupts.pending:  # e.g. the engine's own processes got the terminal's Ctrl-C too
@@ -361,9 +399,11 @@ def _objective(
 
 
 def _counts(study: optuna.Study) -> tuple[int, int]:
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    complete = sum(t.state == TrialState.COMPLETE for t in trials)
-    return complete, len(trials) - complete
+    """(finished, running) trials; a candidate rejected early (PRUNED) used its share of the
+    budget like a complete one, so the target counts both."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    done = sum(t.state in FINISHED for t in trials)
+    return done, len(trials) - done
 
 
 def _release(study: optuna.Study, current: _Current) -> int | None:
@@ -395,7 +435,8 @@ def run_trials(
     *,
     poll_seconds: float = POLL_SECONDS,
 ) -> int:
-    """Run trials until the study holds ``target`` COMPLETE trials; returns how many it holds.
+    """Run trials until the study holds ``target`` finished trials (COMPLETE, or PRUNED by early
+    rejection); returns how many COMPLETE trials it holds.
 
     Any number of processes may run this on one study. Each starts a trial only while COMPLETE
     plus RUNNING trials fall short of ``target``; otherwise it waits, retrying dead workers'

@@ -1,0 +1,121 @@
+"""Early rejection: trials per hour and final held-out hypervolume, with and without it.
+
+One engine, two studies of the same config and seed (the demo's TIES space on the zoo, every
+search example of each task — the "many examples" setting early rejection is for — baselines
+on): one scores every candidate on the full search split, the other scores growing shares
+(``search.early_rejection``, its default stages 25 % and 50 %) and stops dominated candidates.
+Both run through ``run_trials`` on a SQLite study, the path a user's search takes.
+
+Measured per study: wall time, finished trials (COMPLETE + rejected) per hour, search examples
+scored, rejected count, and the quality of what the search found: the hypervolume of the
+held-out scores of its search front (reference point 0, as benchmarks/samplers.py) and the
+front's most balanced member (highest worst-task normalized gain on held-out data).
+
+    .venv/bin/python benchmarks/early_rejection.py [--trials 60] [--limit 128] [--held-out 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from samplers import _balanced, _clean, _config, _hypervolume, _non_dominated  # noqa: E402
+
+from optimizer.config import config_from_dict  # noqa: E402
+from optimizer.engines import make_engine  # noqa: E402
+from optimizer.merge import MergePlan  # noqa: E402
+from optimizer.search.gain import references  # noqa: E402
+from optimizer.search.prepare import prepare  # noqa: E402
+from optimizer.search.study import open_study, run_trials  # noqa: E402
+from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _run(engine, prepared, trials: int, refs) -> dict:
+    study = open_study(prepared)
+    t0 = time.perf_counter()
+    run_trials(prepared, study, engine, trials)
+    wall = time.perf_counter() - t0
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    rejected = [t for t in done if t.state == TrialState.PRUNED]
+    per_task = sum(len(task.search) for task in prepared.tasks)
+    examples = len(complete) * per_task + sum(t.user_attrs["rejected"]["examples"] for t in rejected)
+    search = np.array([t.values for t in complete], dtype=float)
+    front = [t for t, keep in zip(complete, _non_dominated(search), strict=True) if keep]
+    held = {}
+    for t in front:
+        engine.apply_plan(MergePlan.from_dict(t.user_attrs["plan"]))
+        held[t.number] = {task.name: task.score(engine, "held_out").value for task in prepared.tasks}
+    names = [task.name for task in prepared.tasks]
+    points = np.array([[held[t.number][n] for n in names] for t in front], dtype=float)
+    on_front = [t.number for t, keep in zip(front, _non_dominated(points), strict=True) if keep]
+    return {
+        "wall_s": round(wall, 2),
+        "finished": len(done),
+        "complete": len(complete),
+        "rejected": len(rejected),
+        "trials_per_hour": round(len(done) / wall * 3600, 1),
+        "examples_scored": examples,
+        "examples_full": len(done) * per_task,
+        "held_out_hypervolume": round(_hypervolume(points), 5),
+        "search_front_size": len(front),
+        "balanced": _clean(_balanced(held, on_front, refs)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--limit", type=int, default=128)
+    parser.add_argument("--held-out", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    zoo = default_zoo_dir()
+    build_zoo(zoo)
+    base = _config(zoo, "model", limit=args.limit, held_out=args.held_out)
+    base["search"] = {"seed": args.seed, "baselines": True}
+    (ROOT / "studies").mkdir(exist_ok=True)
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.node()} {platform.machine()}, CPU only",
+        "config": {"trials": args.trials, "limit": args.limit, "held_out": args.held_out, "seed": args.seed},
+    }
+    with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
+        prepared = prepare(config_from_dict({**base, "name": "er-refs"}))
+        engine = make_engine("vllm", prepared.models)
+        try:
+            refs = references(optuna.create_study(storage=None), prepared, lambda: engine)
+            for label, early in (("off", None), ("on", {})):
+                search = {**base["search"], "early_rejection": early} if early is not None else base["search"]
+                config = config_from_dict(
+                    {**base, "name": f"er-{label}", "storage": f"sqlite:///{tmp}/{label}.db", "search": search}
+                )
+                result[label] = _run(engine, prepare(config), args.trials, refs)
+                print(label, json.dumps(result[label]), flush=True)
+        finally:
+            engine.close()
+    off, on = result["off"], result["on"]
+    result["trials_per_hour_ratio"] = round(on["trials_per_hour"] / off["trials_per_hour"], 3)
+    result["hypervolume_ratio"] = round(on["held_out_hypervolume"] / off["held_out_hypervolume"], 4)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "early_rejection.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    main()
