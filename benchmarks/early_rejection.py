@@ -1,17 +1,23 @@
 """Early rejection: trials per hour and final held-out hypervolume, with and without it.
 
-One engine, two studies of the same config and seed (the demo's TIES space on the zoo, every
-search example of each task — the "many examples" setting early rejection is for — baselines
-on): one scores every candidate on the full search split, the other scores growing shares
-(``search.early_rejection``, its default stages 25 % and 50 %) and stops dominated candidates.
-Both run through ``run_trials`` on a SQLite study, the path a user's search takes.
+One engine, two studies of the same config and seed on the zoo (every search example of each
+task — the "many examples" setting early rejection is for — baselines on): one scores every
+candidate on the full search split, the other scores growing shares (``search.early_rejection``,
+its default stages 25 % and 50 %) and stops dominated candidates. Both run through
+``run_trials`` on a SQLite study, the path a user's search takes. Two search spaces:
+
+- ``demo``: the demo's (TIES, one weight in [0, 1.5] and one density per model);
+- ``wide``: TIES per layer with weights in [0, 3], where many candidates are plainly broken.
 
 Measured per study: wall time, finished trials (COMPLETE + rejected) per hour, search examples
 scored, rejected count, and the quality of what the search found: the hypervolume of the
 held-out scores of its search front (reference point 0, as benchmarks/samplers.py) and the
 front's most balanced member (highest worst-task normalized gain on held-out data).
 
-    .venv/bin/python benchmarks/early_rejection.py [--trials 60] [--limit 128] [--held-out 128]
+    .venv/bin/python benchmarks/early_rejection.py [--setting demo|wide] [--trials 60] [--limit 128] [--held-out 128]
+
+Each setting's result is stored under its name in ``results/early_rejection.json`` (other
+settings already there are kept).
 """
 
 from __future__ import annotations
@@ -83,16 +89,27 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=128)
     parser.add_argument("--held-out", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--setting", choices=("demo", "wide"), default="demo")
     args = parser.parse_args()
     zoo = default_zoo_dir()
     build_zoo(zoo)
-    base = _config(zoo, "model", limit=args.limit, held_out=args.held_out)
+    base = _config(zoo, "model" if args.setting == "demo" else "layer", limit=args.limit, held_out=args.held_out)
+    if args.setting == "wide":
+        base["weight"] = {"low": 0.0, "high": 3.0}
     base["search"] = {"seed": args.seed, "baselines": True}
     (ROOT / "studies").mkdir(exist_ok=True)
     result: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.node()} {platform.machine()}, CPU only",
-        "config": {"trials": args.trials, "limit": args.limit, "held_out": args.held_out, "seed": args.seed},
+        "config": {
+            "setting": args.setting,
+            "granularity": base["granularity"],
+            "weight": base["weight"],
+            "trials": args.trials,
+            "limit": args.limit,
+            "held_out": args.held_out,
+            "seed": args.seed,
+        },
     }
     with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
         prepared = prepare(config_from_dict({**base, "name": "er-refs"}))
@@ -112,7 +129,11 @@ def main() -> None:
     result["trials_per_hour_ratio"] = round(on["trials_per_hour"] / off["trials_per_hour"], 3)
     result["hypervolume_ratio"] = round(on["held_out_hypervolume"] / off["held_out_hypervolume"], 4)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "early_rejection.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / "early_rejection.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored = {k: v for k, v in stored.items() if k in ("demo", "wide")}  # older flat files are dropped
+    stored[args.setting] = result
+    path.write_text(json.dumps(stored, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

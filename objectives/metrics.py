@@ -2,7 +2,8 @@
 
 Each metric issues one batched engine call per evaluation (one ``generate`` or one
 ``loglikelihood`` over every example), because per-example calls would make scoring, not
-merging, the thing that caps trials per hour.
+merging, the thing that caps trials per hour; :func:`score_together` goes further and scores all
+of a trial's tasks in one call per kind, through each metric's ``requests`` / ``finish`` halves.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from optimizer.engines.base import Engine
+from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood
 
 __all__ = [
     "METRICS",
@@ -23,6 +24,7 @@ __all__ = [
     "MultipleChoice",
     "combine",
     "make_metric",
+    "score_together",
 ]
 
 
@@ -60,9 +62,23 @@ class Metric(ABC):
     #: Each example scores 0 or 1 (a hit rate), so a partial score has a binomial error.
     binary: bool = False
 
+    #: Which engine call scores this metric: "generate" or "loglikelihood".
+    call: str = "generate"
+
     @abstractmethod
+    def requests(self, examples: Sequence[dict]) -> GenerateBatch | list[tuple[str, str]]:
+        """What to ask the engine for ``examples``: a generate batch, or (context, continuation) pairs."""
+
+    @abstractmethod
+    def finish(self, examples: Sequence[dict], outputs: Sequence) -> MetricResult:
+        """The score, from the engine's answers to :meth:`requests` (texts or log-likelihoods)."""
+
     def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
-        """Score the engine's current weights on ``examples``."""
+        """Score the engine's current weights on ``examples`` (one engine call)."""
+        request = self.requests(examples)
+        if isinstance(request, GenerateBatch):
+            return self.finish(examples, engine.generate_batches([request])[0])
+        return self.finish(examples, engine.loglikelihood(request))
 
 
 def normalize_answer(text: str) -> str:
@@ -81,9 +97,11 @@ class ExactMatch(Metric):
         self.stop, self.max_tokens = list(stop), max_tokens
         self.required_fields = (prompt_field, target_field)
 
-    def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
+    def requests(self, examples: Sequence[dict]) -> GenerateBatch:
         prompts = [str(ex[self.prompt_field]) for ex in examples]
-        outputs = engine.generate(prompts, max_tokens=self.max_tokens, stop=self.stop)
+        return GenerateBatch(prompts, self.max_tokens, self.stop)
+
+    def finish(self, examples: Sequence[dict], outputs: Sequence[str]) -> MetricResult:
         hits = [
             float(normalize_answer(out) == normalize_answer(str(ex[self.target_field])))
             for out, ex in zip(outputs, examples, strict=True)
@@ -111,13 +129,14 @@ class MultipleChoice(Metric):
             return target
         return choices.index(str(target)) if str(target) in choices else int(target)
 
-    def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
-        requests, owners = [], []
-        for i, ex in enumerate(examples):
-            for choice in ex[self.choices_field]:
-                requests.append((str(ex[self.prompt_field]), " " + str(choice)))
-                owners.append(i)
-        lls = engine.loglikelihood(requests)
+    call = "loglikelihood"
+
+    def requests(self, examples: Sequence[dict]) -> list[tuple[str, str]]:
+        return [(str(ex[self.prompt_field]), " " + str(choice)) for ex in examples for choice in ex[self.choices_field]]
+
+    def finish(self, examples: Sequence[dict], outputs: Sequence[LogLikelihood]) -> MetricResult:
+        owners = [i for i, ex in enumerate(examples) for _ in ex[self.choices_field]]
+        lls = outputs
         best: dict[int, tuple[float, int]] = {}
         counters: dict[int, int] = {}
         for owner, ll in zip(owners, lls, strict=True):
@@ -139,9 +158,13 @@ class GoldenNLL(Metric):
         self.prompt_field, self.target_field = prompt_field, target_field
         self.required_fields = (prompt_field, target_field)
 
-    def score(self, engine: Engine, examples: Sequence[dict]) -> MetricResult:
-        requests = [(str(ex[self.prompt_field]), str(ex[self.target_field])) for ex in examples]
-        lls = engine.loglikelihood(requests)
+    call = "loglikelihood"
+
+    def requests(self, examples: Sequence[dict]) -> list[tuple[str, str]]:
+        return [(str(ex[self.prompt_field]), str(ex[self.target_field])) for ex in examples]
+
+    def finish(self, examples: Sequence[dict], outputs: Sequence[LogLikelihood]) -> MetricResult:
+        lls = outputs
         per = [-ll.logprob / max(ll.num_tokens, 1) for ll in lls]
         total_tokens = sum(ll.num_tokens for ll in lls)
         value = -sum(ll.logprob for ll in lls) / max(total_tokens, 1)
@@ -171,3 +194,29 @@ def make_metric(
     from optimizer.errors import ConfigError
 
     raise ConfigError(f"unknown metric {name!r}; choose one of: {', '.join(METRICS)}")
+
+
+def score_together(engine: Engine, jobs: Sequence[tuple[Metric, Sequence[dict]]]) -> list[MetricResult]:
+    """Score several (metric, examples) jobs — a study's tasks — in at most two engine calls.
+
+    Every generating job goes into one :meth:`~optimizer.engines.base.Engine.generate_batches`
+    call and every log-likelihood job into one ``loglikelihood`` call, so the tasks of a trial
+    share the engine's batches instead of each paying its own. The numbers are those of scoring
+    each job alone, up to the floating-point effects of batch composition any batched engine has.
+    """
+    requests = [metric.requests(examples) for metric, examples in jobs]
+    outputs: list[Sequence] = [[] for _ in jobs]
+    gen = [i for i, r in enumerate(requests) if isinstance(r, GenerateBatch)]
+    if gen:
+        for i, texts in zip(gen, engine.generate_batches([requests[i] for i in gen]), strict=True):
+            outputs[i] = texts
+    ll = [i for i, r in enumerate(requests) if not isinstance(r, GenerateBatch)]
+    if ll:
+        flat = [pair for i in ll for pair in requests[i]]
+        answers = engine.loglikelihood(flat) if flat else []
+        start = 0
+        for i in ll:
+            n = len(requests[i])
+            outputs[i] = answers[start : start + n]
+            start += n
+    return [metric.finish(examples, out) for (metric, examples), out in zip(jobs, outputs, strict=True)]

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from objectives.data import load_split
-from objectives.metrics import Metric, MetricResult, make_metric
+from objectives.metrics import Metric, MetricResult, make_metric, score_together
 from optimizer.engines.base import Engine
 from optimizer.errors import DataError
 
-__all__ = ["Task", "load_tasks"]
+__all__ = ["Task", "load_tasks", "score_tasks"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ class Task:
 
     def score(self, engine: Engine, split: str = "search") -> MetricResult:
         return self.metric.score(engine, self.examples(split))
+
+
+def score_tasks(engine: Engine, tasks: Sequence[Task], split: str = "search") -> list[MetricResult]:
+    """Every task's score on ``split``, the tasks sharing the engine's batches (one call per kind)."""
+    return score_together(engine, [(task.metric, task.examples(split)) for task in tasks])
 
 
 def _check_fields(rows: Sequence[dict], fields: Sequence[str], where: str) -> None:

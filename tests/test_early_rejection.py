@@ -81,7 +81,7 @@ def test_study_rejects_dominated_candidates_and_scores_survivors_in_full(zoo, tm
         weight={"low": 0.0, "high": 3.0},  # wide: many candidates are plainly broken
     )
     path = write_config(tmp_path / "study.yaml", config)
-    run_cli("search", str(path), cwd=tmp_path, check=True)
+    proc = run_cli("search", str(path), cwd=tmp_path, check=True)
     db = tmp_path / "studies" / "early" / "study.db"
     trials = _trials(db)
     states = [t.state for t in trials]
@@ -91,6 +91,9 @@ def test_study_rejects_dominated_candidates_and_scores_survivors_in_full(zoo, tm
     # The budget counts rejected candidates: 16 finished trials, nothing left running or failed.
     assert len(trials) == 16 and set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     assert pruned, "with weights up to 3, some candidates should be plainly dominated"
+    # The progress log says which trial dominated each rejected candidate.
+    log = proc.stdout + proc.stderr
+    assert all(f"trial {t.number} [search] rejected early (dominated by trial" in log for t in pruned)
     # Baselines (enqueued) are the references: always scored in full.
     assert all("baseline" not in t.user_attrs for t in pruned)
     for t in pruned:

@@ -82,6 +82,30 @@ def test_vllm_agrees_with_transformers(vllm_engine, hf_engine) -> None:
             assert same >= 0.98, f"{task}: exact-match verdicts agree on only {same:.0%}"
 
 
+def test_tasks_scored_together_match_each_scored_alone(vllm_engine, hf_engine) -> None:
+    """A trial's tasks share one engine call per kind (different stops and lengths per prompt in
+    one vLLM generate); the verdicts and NLLs are those of scoring each task on its own."""
+    from objectives.metrics import make_metric, score_together
+
+    jobs = []
+    for i, task in enumerate(TASKS):  # a different generation limit per task: per-prompt params
+        jobs.append((make_metric("exact_match", max_tokens=12 + i), _examples(task, 32)))
+        jobs.append((make_metric("nll"), _examples(task, 16)))
+    vllm_engine.apply_plan(PLAN_B)
+    together = score_together(vllm_engine, jobs)
+    alone = [metric.score(vllm_engine, examples) for metric, examples in jobs]
+    for (metric, _), t, a in zip(jobs, together, alone, strict=True):
+        if metric.binary:
+            same = sum(x == y for x, y in zip(t.per_example, a.per_example, strict=True)) / len(a.per_example)
+            assert same >= 0.97, f"{metric.name}: together and alone agree on only {same:.0%}"
+        else:
+            assert t.value == pytest.approx(a.value, abs=0.02)
+    # The transformers engine (one call per batch) gives the same verdicts through the same path.
+    hf_engine.apply_plan(PLAN_B)
+    hf = score_together(hf_engine, jobs[:2])
+    assert hf[0].value == pytest.approx(together[0].value, abs=0.07)
+
+
 def test_no_stale_state_after_switching_plans(vllm_engine, tmp_path: Path) -> None:
     from optimizer.engines.vllm_engine import VLLMEngine
 

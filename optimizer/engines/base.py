@@ -21,7 +21,7 @@ from pathlib import Path
 
 from optimizer.merge.plan import MergePlan
 
-__all__ = ["Engine", "LogLikelihood", "ModelSet", "encode_pair"]
+__all__ = ["Engine", "GenerateBatch", "LogLikelihood", "ModelSet", "encode_pair"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,15 @@ class LogLikelihood:
     logprob: float  # Σ log p(continuation token | prefix), natural log
     num_tokens: int
     is_greedy: bool  # every continuation token was the argmax
+
+
+@dataclass(frozen=True)
+class GenerateBatch:
+    """Prompts that share one generation limit and stop strings (one task's examples, say)."""
+
+    prompts: Sequence[str]
+    max_tokens: int
+    stop: Sequence[str]
 
 
 def encode_pair(tokenizer: object, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -75,6 +84,12 @@ class Engine(ABC):
     @abstractmethod
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
         """Score each ``(context, continuation)`` under the current weights."""
+
+    def generate_batches(self, batches: Sequence[GenerateBatch]) -> list[list[str]]:
+        """:meth:`generate` for several batches with limits of their own, in as few engine calls as
+        the engine allows (vLLM: one, with per-prompt sampling parameters, so every task's prompts
+        share the decode steps); this default runs them one after the other."""
+        return [self.generate(b.prompts, max_tokens=b.max_tokens, stop=b.stop) for b in batches]
 
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release the engine's resources; the default has none to release."""

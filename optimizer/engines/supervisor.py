@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from optimizer.errors import MergeoptError
 
 if TYPE_CHECKING:
-    from optimizer.engines.base import Engine, LogLikelihood, ModelSet
+    from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood, ModelSet
     from optimizer.merge.plan import MergePlan
 
 __all__ = [
@@ -155,6 +155,9 @@ class EngineSupervisor:
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
         return self().loglikelihood(requests)
+
+    def generate_batches(self, batches: Sequence[GenerateBatch]) -> list[list[str]]:
+        return self().generate_batches(batches)
 
     # -- failures and restarts ---------------------------------------------------------------------
     def record(self, failure: FailureKind | None, reason: str = "") -> None:

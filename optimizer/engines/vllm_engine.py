@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from optimizer.engines.base import Engine, LogLikelihood, ModelSet, encode_pair
+from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood, ModelSet, encode_pair
 from optimizer.errors import ConfigError
 from optimizer.merge.plan import MergePlan
 
@@ -97,6 +97,23 @@ class VLLMEngine(Engine):
         params = self._sampling(temperature=0.0, max_tokens=max_tokens, stop=list(stop) or None)
         outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
+
+    def generate_batches(self, batches: Sequence[GenerateBatch]) -> list[list[str]]:
+        """Every batch in one ``generate``: one SamplingParams per prompt, shared decode steps."""
+        prompts: list[str] = []
+        params = []
+        for batch in batches:
+            p = self._sampling(temperature=0.0, max_tokens=batch.max_tokens, stop=list(batch.stop) or None)
+            prompts += list(batch.prompts)
+            params += [p] * len(batch.prompts)
+        if not prompts:
+            return [[] for _ in batches]
+        texts = [o.outputs[0].text for o in self.llm.generate(prompts, params, use_tqdm=False)]
+        out, start = [], 0
+        for batch in batches:
+            out.append(texts[start : start + len(batch.prompts)])
+            start += len(batch.prompts)
+        return out
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
         from vllm.inputs import TokensPrompt

@@ -26,7 +26,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from objectives.metrics import MetricResult, combine
+from objectives.metrics import MetricResult, combine, score_together
 from objectives.tasks import Task
 from optimizer.config import EarlyRejectionConfig
 from optimizer.engines.base import Engine
@@ -126,15 +126,19 @@ class StagedScorer:
         done = [0] * len(self.tasks)
         all_cuts = [self.cuts(len(task.search)) for task in self.tasks]
         for stage in range(max(len(c) for c in all_cuts)):
+            jobs, owners = [], []
             for t, task in enumerate(self.tasks):
                 cuts = all_cuts[t]
                 upto = cuts[min(stage, len(cuts) - 1)]
                 if upto > done[t]:
-                    examples = [task.search[j] for j in self._orders[t][done[t] : upto]]
-                    parts[t].append(task.metric.score(engine, examples))
+                    jobs.append((task.metric, [task.search[j] for j in self._orders[t][done[t] : upto]]))
+                    owners.append(t)
                     done[t] = upto
-                if on_stage is not None:
-                    on_stage()
+            # The stage's examples of every task in one engine call per kind (shared batches).
+            for t, result in zip(owners, score_together(engine, jobs), strict=True):
+                parts[t].append(result)
+            if on_stage is not None:
+                on_stage()
             if all(done[t] == len(task.search) for t, task in enumerate(self.tasks)):
                 break
             bounds = [

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
+from objectives.tasks import score_tasks
 from optimizer.engines.base import Engine
 from optimizer.search.baselines import baseline_plans
 from optimizer.search.pareto import held_out_scores
@@ -80,7 +81,8 @@ def _scores_by_label(
             engine = engine_factory()
             for label in todo:
                 engine.apply_plan(plans[label])
-                cache[label] = {task.name: task.score(engine, "held_out").value for task in prepared.tasks}
+                results = score_tasks(engine, prepared.tasks, "held_out")
+                cache[label] = {task.name: r.value for task, r in zip(prepared.tasks, results, strict=True)}
                 study.set_user_attr(_PLAN_CACHE, cache)
         out.update({label: cache[label] for label in missing})
     return out

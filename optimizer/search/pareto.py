@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
+from objectives.tasks import score_tasks
 from optimizer.engines.base import Engine
 from optimizer.merge import MergePlan
 from optimizer.search.prepare import Prepared
@@ -47,7 +48,8 @@ def held_out_scores(
         engine = engine_factory()  # started only when something needs scoring
         for trial in missing:
             engine.apply_plan(MergePlan.from_dict(trial.user_attrs["plan"]))
-            cache[str(trial.number)] = {task.name: task.score(engine, "held_out").value for task in prepared.tasks}
+            results = score_tasks(engine, prepared.tasks, "held_out")
+            cache[str(trial.number)] = {task.name: r.value for task, r in zip(prepared.tasks, results, strict=True)}
             study.set_user_attr("held_out", cache)  # saved per member: an interrupt keeps the rest
     return {t.number: cache[str(t.number)] for t in trials}
 

@@ -78,6 +78,12 @@ class SearchProgress:
         state = trial.state.name.lower()
         if trial.state == TrialState.FAIL:
             state += f" ({trial.user_attrs.get('fail_reason', 'no reason recorded')})"
+        rejected = trial.user_attrs.get("rejected")
+        if trial.state == TrialState.PRUNED and isinstance(rejected, dict):
+            state = (
+                f"rejected early (dominated by trial {rejected.get('dominated_by')}"
+                f" after {rejected.get('examples')}/{rejected.get('of')} examples)"
+            )
         elapsed = time.monotonic() - self.t0
         new = max(done - self.start_done, 1)
         eta = elapsed / new * max(self.target - done, 0)

@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from objectives.tasks import score_tasks
 from optimizer.config import StudyConfig, config_from_json
 from optimizer.engines.base import Engine
 from optimizer.engines.supervisor import EngineSupervisor, classify, first_line
@@ -343,11 +344,9 @@ def _objective(
             front = [(t.number, t.values) for t in trial.study.best_trials]
             with interrupts.allowed():
                 return staged.score(engine, front, on_stage=beat)
-        values = []
-        for task in prepared.tasks:
-            with interrupts.allowed():
-                values.append(task.score(engine, "search").value)
-            beat()
+        with interrupts.allowed():
+            values = [result.value for result in score_tasks(engine, prepared.tasks, "search")]
+        beat()
         return values
 
     def objective(trial: optuna.Trial) -> list[float]:
