@@ -45,7 +45,6 @@ class MergeWorkerExtension:
         """
         if owner_pid is not None:
             _watch_owner(owner_pid)
-        retain_freed_memory()  # every merge allocates the same sizes again: keep pages mapped
         # Every in-place reload warns that RotaryEmbedding (buffers only, nothing to load) kept its
         # tensors; that is expected for a merge, and would otherwise print once per trial.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
@@ -66,6 +65,9 @@ class MergeWorkerExtension:
                 self.mergeopt_deltas[k].append(state.pop(k).to(device) - b)
             del state
         self.mergeopt_models = tuple(specialists)
+        # From here on every merge allocates the same sizes again: keep freed pages mapped. Not
+        # before: the checkpoints read above are freed for good and should go back to the system.
+        retain_freed_memory()
         self.mergeopt_data_dir = Path(data_dir) if data_dir else None
         self.mergeopt_base_dir = Path(base)
         self.mergeopt_bound: dict[str, MergeMethod] = {}

@@ -33,7 +33,6 @@ class HFEngine(Engine):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one engine start is not worth a progress bar in a study log
-        retain_freed_memory()  # every merge allocates the same sizes again: keep pages mapped
         self.models = models
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,6 +60,8 @@ class HFEngine(Engine):
         self._deltas = task_vectors(
             self._base, [{k: s[k].to(self.device, torch_dtype) for k in self._base} for s in specialists]
         )
+        del specialists
+        retain_freed_memory()  # after the load (its checkpoints go back): merges reuse their pages
 
     @torch.no_grad()
     def apply_plan(self, plan: MergePlan) -> None:

@@ -24,10 +24,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from optimizer.engines.base import Engine
 from optimizer.errors import MergeoptError
 
 if TYPE_CHECKING:
-    from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood, ModelSet
+    from optimizer.engines.base import GenerateBatch, LogLikelihood, ModelSet
     from optimizer.merge.plan import MergePlan
 
 __all__ = [
@@ -157,7 +158,12 @@ class EngineSupervisor:
         return self().loglikelihood(requests)
 
     def generate_batches(self, batches: Sequence[GenerateBatch]) -> list[list[str]]:
-        return self().generate_batches(batches)
+        engine = self()
+        if hasattr(engine, "generate_batches"):
+            return engine.generate_batches(batches)
+        # An engine written to the interface's required methods only (duck-typed, not an
+        # Engine subclass) still works: run the batches one after the other.
+        return Engine.generate_batches(engine, batches)
 
     # -- failures and restarts ---------------------------------------------------------------------
     def record(self, failure: FailureKind | None, reason: str = "") -> None:
