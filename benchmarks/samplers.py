@@ -345,6 +345,22 @@ def _table(summary: dict[str, Any], checkpoints: Sequence[int]) -> None:
                 )
 
 
+def _earlier_runs(path: Path, out: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Runs already in ``path`` from the same setup, by (setting, sampler, seed).
+
+    Lets a long study go on where a killed one stopped, and a slow sampler (GP) be added later
+    into the same summary; a file from a different setup (examples, trials, checkpoints) is
+    replaced, never mixed in.
+    """
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    same = ("search_examples", "held_out_examples", "trials", "checkpoints", "tasks")
+    if any(old.get(k) != _clean(out[k]) for k in same):
+        return {}
+    return {(r["setting"], r["sampler"], r["seed"]): r for r in old.get("runs", [])}
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -433,11 +449,16 @@ def main() -> None:
         "summary": {},
     }
     runs: list[dict[str, Any]] = out["runs"]
+    done = _earlier_runs(out_path, out)
+    runs.extend(done.values())
     try:
         for setting in settings:
             prep = prepared[setting]
             for sampler in samplers:
                 for seed in seeds:
+                    if (setting, sampler, seed) in done:
+                        print(f"{setting} / {sampler} / seed {seed}: kept from {out_path.name}", flush=True)
+                        continue
                     print(f"{setting} / {sampler} / seed {seed}: {args.trials} trials", flush=True)
                     study, info = _search(engine, prep, sampler, seed, args.trials)
                     curve = _checkpoints(engine, prep, study, checkpoints, refs)
