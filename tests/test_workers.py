@@ -372,6 +372,57 @@ def test_out_of_memory_fails_the_trial_without_restarting_the_engine(zoo, tmp_pa
     assert supervisor.starts == 1 and supervisor.engine_failures == 0
 
 
+def test_a_dead_workers_trial_is_retried_even_when_the_target_is_reached(zoo, tmp_path: Path) -> None:
+    """Two live workers can overshoot the target while a killed one's trial is still RUNNING (the
+    heartbeat's grace period has not passed): the last worker fails that trial at once (its owner
+    ran on this machine and is gone) and runs its retry, so no candidate is left behind."""
+    from optimizer.config import config_from_dict
+    from optimizer.engines.supervisor import EngineSupervisor
+    from optimizer.search.prepare import prepare
+    from optimizer.search.storage import _this_process
+    from optimizer.search.study import open_study, run_trials
+
+    class Blank:
+        """A stand-in engine (test double): every completion empty, every trial completes."""
+
+        def __init__(self) -> None:
+            self.plans: list[object] = []
+
+        def apply_plan(self, plan: object) -> None:
+            self.plans.append(plan)
+
+        def generate(self, prompts: list[str], *, max_tokens: int, stop: list[str]) -> list[str]:
+            return ["" for _ in prompts]
+
+        def close(self) -> None:
+            pass
+
+    config = zoo_config("dead", limit=2, storage=f"sqlite:///{tmp_path / 'dead.db'}", search={"baselines": False})
+    prepared = prepare(config_from_dict(config))
+    study = open_study(prepared)
+    engine = Blank()
+    supervisor = EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
+    run_trials(prepared, study, supervisor, target=2)
+
+    # A third trial, owned by a process of this machine that has exited, left RUNNING mid-trial.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = study.ask()
+    plan = prepared.space.suggest(orphan)
+    orphan.set_user_attr("plan", plan.to_dict())
+    orphan.set_user_attr(OWNER_ATTR, {**_this_process(), "pid": gone.pid, "pid_start": None, "beat": time.time()})
+
+    before = len(engine.plans)
+    assert run_trials(prepared, study, supervisor, target=2) == 3
+    trials = study.get_trials()
+    dead = next(t for t in trials if t.number == orphan.number)
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_kind"] == "worker"
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["plan"] == plan.to_dict()
+    assert engine.plans[before:] == [plan], "the retry must merge the dead trial's plan, and nothing else run"
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
 def _freeze_in_trial(proc: subprocess.Popen, db: Path) -> int:
     """SIGSTOP ``proc`` inside a trial's engine work (a RUNNING trial with its plan); returns its number.
 

@@ -484,7 +484,11 @@ def owner_alive(trial: FrozenTrial, *, stale_after: float = STALE_SECONDS) -> bo
 
 
 def fail_stale_running(
-    study: optuna.Study, *, stale_after: float = STALE_SECONDS, max_retry: int | None = MAX_RETRY
+    study: optuna.Study,
+    *,
+    stale_after: float = STALE_SECONDS,
+    max_retry: int | None = MAX_RETRY,
+    provably_dead_only: bool = False,
 ) -> list[int]:
     """Fail the RUNNING trials whose owner is gone and re-enqueue each; returns the failed numbers.
 
@@ -498,13 +502,18 @@ def fail_stale_running(
     only the first state change through.
 
     On a heartbeat storage (SQLite, PostgreSQL) this does nothing and returns []: Optuna does the
-    same from the heartbeat when the worker starts its next trial.
+    same from the heartbeat when the worker starts its next trial. With ``provably_dead_only``
+    it acts on any storage, but only on trials whose owner ran on this machine and is gone: a
+    fact, where the heartbeat needs its grace period to tell, and the last live worker may
+    finish before then.
     """
     storage = study._storage  # Optuna's own fail_stale_trials works on it the same way
-    if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
+    if not provably_dead_only and getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
         return []
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if provably_dead_only and not _owner_here(t):
+            continue
         if owner_alive(t, stale_after=stale_after):
             continue
         owner = t.user_attrs.get(OWNER_ATTR) or {}
@@ -519,6 +528,13 @@ def fail_stale_running(
         failed.append(t.number)
         requeue(study, t, max_retry=max_retry)
     return failed
+
+
+def _owner_here(trial: FrozenTrial) -> bool:
+    """Whether ``trial``'s owner ran on this machine since its last boot (its pid means something)."""
+    owner = trial.user_attrs.get(OWNER_ATTR)
+    me = _this_process()
+    return isinstance(owner, dict) and owner.get("host") == me["host"] and owner.get("boot") == me["boot"]
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial, *, max_retry: int | None = MAX_RETRY) -> bool:
@@ -560,5 +576,6 @@ def recover_stale(study: optuna.Study) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+        fail_stale_running(study, provably_dead_only=True)  # a dead pid here needs no grace period
     else:
         fail_stale_running(study)

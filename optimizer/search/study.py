@@ -405,6 +405,17 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
     return done, len(trials) - done
 
 
+def _retry_waiting(study: optuna.Study) -> bool:
+    """Whether a dead or interrupted worker's trial waits for its retry.
+
+    A worker runs it even past the target: two workers that overshoot the target can reach it
+    while a dead worker's trial is still RUNNING, and its candidate would otherwise be left
+    queued in a study that looks finished.
+    """
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return any("failed_trial" in t.system_attrs for t in waiting)
+
+
 def _release(study: optuna.Study, current: _Current) -> int | None:
     """After a Ctrl-C: leave this worker's trial FAIL ("interrupted") with a retry enqueued.
 
@@ -440,7 +451,9 @@ def run_trials(
     Any number of processes may run this on one study. Each starts a trial only while COMPLETE
     plus RUNNING trials fall short of ``target``; otherwise it waits, retrying dead workers'
     trials meanwhile, in case a running trial fails. So the study ends with at least ``target``
-    complete trials, and two workers that look at the same moment overshoot it by one.
+    complete trials, and two workers that look at the same moment overshoot it by one; a dead
+    worker's trial that is found (on this machine at once, elsewhere after the heartbeat's grace
+    period) while a worker is still here is retried, even past the target.
 
     A failed candidate (NaN/Inf, out of memory, engine error) is FAIL with its reason (user attrs
     ``fail_reason``, ``fail_kind``) and the study goes on; repeated engine errors restart the
@@ -457,10 +470,12 @@ def run_trials(
             while True:
                 recover_stale(study)
                 complete, running = _counts(study)
-                if complete >= target:
+                # A queued retry of a dead worker's trial is run even past the target.
+                enough = complete + running >= target and not _retry_waiting(study)
+                if enough and complete >= target:
                     break
                 budget.check()
-                if complete + running >= target:  # others run the last trials; wait in case one fails
+                if enough:  # others run the last trials; wait in case one fails
                     with interrupts.allowed():
                         time.sleep(poll_seconds)
                     continue
