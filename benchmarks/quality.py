@@ -14,7 +14,8 @@ Settings (``--setting``):
 
     .venv/bin/python benchmarks/quality.py [--setting demo|layer] [--trials 120] [--method ties]
 
-Each setting's result is stored under ``<setting>/<method>`` in ``results/quality.json``.
+Each setting's result is stored under ``<setting>/<method>`` in ``results/quality.json``
+(``<method>-<trials>trials-<limit>examples`` when those differ from the defaults).
 """
 
 from __future__ import annotations
@@ -94,7 +95,10 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "quality.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
-    stored.setdefault(args.setting, {})[args.method] = _clean(result)
+    key = args.method
+    if (args.trials, args.limit) != (parser.get_default("trials"), parser.get_default("limit")):
+        key += f"-{args.trials}trials-{args.limit}examples"  # a longer or finer study beside the default one
+    stored.setdefault(args.setting, {})[key] = _clean(result)
     path.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"{'member':28s} " + " ".join(f"{t:>14s}" for t in tasks))
     for r in ([row(pick)] if pick else []) + baselines:
