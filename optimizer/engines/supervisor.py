@@ -24,11 +24,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from optimizer.engines.base import Engine
 from optimizer.errors import MergeoptError
 
 if TYPE_CHECKING:
-    from optimizer.engines.base import GenerateBatch, LogLikelihood, ModelSet
+    from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood, ModelSet
     from optimizer.merge.plan import MergePlan
 
 __all__ = [
@@ -158,12 +157,7 @@ class EngineSupervisor:
         return self().loglikelihood(requests)
 
     def generate_batches(self, batches: Sequence[GenerateBatch]) -> list[list[str]]:
-        engine = self()
-        if hasattr(engine, "generate_batches"):
-            return engine.generate_batches(batches)
-        # An engine written to the interface's required methods only (duck-typed, not an
-        # Engine subclass) still works: run the batches one after the other.
-        return Engine.generate_batches(engine, batches)
+        return self().generate_batches(batches)
 
     # -- failures and restarts ---------------------------------------------------------------------
     def record(self, failure: FailureKind | None, reason: str = "") -> None:
