@@ -77,3 +77,46 @@ def test_invalid_configs_name_the_field(override: dict, needle: str) -> None:
         _config(**override)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_candidate_is_sampled_from_one_read_of_the_study(tmp_path: Path) -> None:
+    """A per-layer space asks for dozens of parameters per candidate; TPE (constant liar) would
+    re-read every trial from the database for each one. Under the snapshot the candidates are
+    exactly the ones plain Optuna draws, from one storage read per candidate."""
+    import optuna
+
+    from optimizer.search.snapshot import trials_snapshot
+    from optimizer.search.storage import make_storage
+
+    space = SearchSpace(_config(method="ties", granularity="layer"), num_layers=6)
+    n = len(space.distributions())
+    assert n >= 24
+
+    def run(snapshot: bool) -> tuple[list[dict[str, float]], list[int]]:
+        storage = make_storage(f"sqlite:///{tmp_path / f'{snapshot}.db'}")
+        sampler = optuna.samplers.TPESampler(seed=0)
+        study = optuna.create_study(storage=storage, directions=["maximize"] * 2, sampler=sampler)
+        cached = study._storage  # Optuna's cache in front of the database
+        read = cached.get_all_trials
+        reads: list[int] = []
+        reads_per_candidate = []
+        for i in range(14):
+            trial = study.ask()
+            reads.clear()
+            cached.get_all_trials = lambda *a, **k: reads.append(1) or read(*a, **k)
+            try:
+                if snapshot:
+                    with trials_snapshot(study):
+                        space.suggest(trial)
+                else:
+                    space.suggest(trial)
+            finally:
+                del cached.get_all_trials
+            reads_per_candidate.append(len(reads))
+            study.tell(trial, [float(i % 3), float(i % 5)])
+        return [t.params for t in study.trials], reads_per_candidate
+
+    plain, plain_reads = run(snapshot=False)
+    snapped, snapped_reads = run(snapshot=True)
+    assert snapped == plain
+    assert max(snapped_reads) == 1 and max(plain_reads) > n  # TPE past its 10 random startup trials

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["breadcrumbs", "l1_rescale", "magnitude", "random_drop", "top_k_indices", "top_k_mask"]
+__all__ = ["breadcrumbs", "keep_mask", "l1_rescale", "magnitude", "random_drop", "top_k_indices", "top_k_mask"]
 
 
 def l1_rescale(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -73,12 +73,12 @@ def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor | None:
-    """A boolean mask of the ``k`` largest entries of 1-D ``values``, found as a threshold.
+    """A 0/1 mask (see :func:`keep_mask`) of the ``k`` largest entries of 1-D ``values``.
 
     The threshold is the k-th largest value, located as in :func:`top_k_indices` (a sample's
     quantiles bound it; only the thin band between them is searched), then one comparison pass
-    makes the mask. None for small tensors, an unlucky sample, or exact ties at the threshold
-    that would keep more than k (then index selection decides which of the tied entries stay).
+    makes the mask. None for small tensors, an unlucky sample, or exact ties at the threshold that
+    would keep more than k (then index selection decides which of the tied entries stay).
     """
     n = values.numel()
     if n < _BAND_MIN_NUMEL or k <= 0 or k >= n:
@@ -89,9 +89,19 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor | None:
     need = k - above
     if need <= 0 or need > band.numel():
         return None
-    threshold = torch.kthvalue(band, band.numel() - need + 1).values
-    mask = values >= threshold
+    threshold = float(torch.kthvalue(band, band.numel() - need + 1).values)
+    mask = keep_mask(values, threshold)
     return mask if int(mask.sum()) == k else None
+
+
+def keep_mask(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1.0 where ``values >= threshold``, else 0.0, in ``values``' dtype.
+
+    A float mask, not a bool one: masking is then one multiply, and on CPU every bool kernel
+    (``torch.where`` on a bool condition, bool→float casts, ``masked_fill``) runs 5–25× slower
+    than the float comparison writing into a float buffer (measured on 300k entries, 2 cores).
+    """
+    return torch.ge(values, threshold, out=torch.empty_like(values))
 
 
 def _band(values: torch.Tensor, k: int) -> tuple[float, float]:
@@ -133,7 +143,7 @@ def _sorted_top_k_mask(delta: torch.Tensor, mags: torch.Tensor, k: int) -> torch
     threshold = ordered[k - 1]
     if bool(ordered[k] == threshold):  # ties at the threshold: "≥ threshold" would keep more than k
         return None
-    return mags >= threshold
+    return keep_mask(mags, float(threshold))
 
 
 def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
@@ -149,8 +159,8 @@ def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> 
     mask = _sorted_top_k_mask(delta, mags, k)
     if mask is None:
         mask = top_k_mask(mags, k)
-    if mask is not None:  # large tensors: a threshold, no index lists
-        kept = torch.where(mask, flat, 0.0)
+    if mask is not None:  # a threshold and one multiply, no index lists
+        kept = flat * mask.to(flat.dtype)
     else:
         idx = top_k_indices(mags, k)
         kept = torch.zeros_like(flat)
@@ -173,8 +183,8 @@ def random_drop(
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     u = torch.rand(delta.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    mask = (u < density).to(delta.device)
-    kept = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    mask = torch.lt(u, density, out=torch.empty_like(u)).to(device=delta.device, dtype=delta.dtype)
+    kept = delta * mask
     return kept / density if rescale else kept
 
 

@@ -33,6 +33,7 @@ from optimizer.search.baselines import baseline_plans
 from optimizer.search.early_rejection import Rejected, StagedScorer
 from optimizer.search.fingerprint import check_fingerprint, models_fingerprint
 from optimizer.search.prepare import Prepared
+from optimizer.search.snapshot import trials_snapshot
 from optimizer.search.storage import (
     display_url,
     fail_stale_running,
@@ -356,7 +357,8 @@ def _objective(
         if stored is not None:
             plan = MergePlan.from_dict(stored)
         else:
-            plan = prepared.space.suggest(trial)
+            with trials_snapshot(trial.study):  # one storage read per candidate, not per parameter
+                plan = prepared.space.suggest(trial)
             trial.set_user_attr("plan", plan.to_dict())
         try:
             t0 = time.perf_counter()
@@ -469,9 +471,10 @@ def run_trials(
         try:
             while True:
                 recover_stale(study)
-                complete, running = _counts(study)
-                # A queued retry of a dead worker's trial is run even past the target.
-                enough = complete + running >= target and not _retry_waiting(study)
+                with trials_snapshot(study):  # both questions answered from one read
+                    complete, running = _counts(study)
+                    # A queued retry of a dead worker's trial is run even past the target.
+                    enough = complete + running >= target and not _retry_waiting(study)
                 if enough and complete >= target:
                     break
                 budget.check()
