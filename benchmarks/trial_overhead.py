@@ -101,9 +101,11 @@ def cpu_weight_packing_s(base: dict[str, torch.Tensor], repeats: int = 3) -> flo
 
     Its in-place reload re-runs each layer's post-load processing, which on CPU builds copies the
     weight into oneDNN's blocked layout (``create_onednn_mm``); a merge pays it on top of the
-    merge arithmetic and the copy into the parameters. Timed here on the same weights, one thread
-    (as vLLM's CPU worker runs on this box), best of ``repeats``. None where vLLM has no oneDNN
-    path (GPU builds: there the post-load step of an unquantized linear copies nothing).
+    merge arithmetic and the copy into the parameters. Timed here on the checkpoint's weights
+    (vLLM packs q/k/v and gate/up fused: the same bytes in fewer calls), on one thread as vLLM's
+    CPU worker runs on a 2-core box (it pins one torch thread per worker), best of ``repeats``.
+    None where vLLM has no oneDNN path (GPU builds: there the post-load step of an unquantized
+    linear copies nothing).
     """
     from vllm import _custom_ops as ops
 

@@ -15,6 +15,7 @@ stand-in engine (a test double in this file), since no accelerator memory can ru
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -443,3 +444,46 @@ def _freeze_in_trial(proc: subprocess.Popen, db: Path) -> int:
         proc.send_signal(signal.SIGCONT)
         time.sleep(0.02)
     pytest.fail("never caught the search inside a trial")
+
+
+def test_a_per_layer_study_reads_the_storage_once_per_candidate_not_once_per_parameter(zoo, tmp_path: Path) -> None:
+    """TPE (constant liar) re-reads every trial from the database at each ``suggest_*``: a
+    per-layer study paid dozens of SQLite reads per candidate. The study loop serves a
+    candidate's suggestions from one read, and draws exactly the candidates Optuna draws alone."""
+    import optuna
+
+    from optimizer.config import config_from_dict
+    from optimizer.engines.supervisor import EngineSupervisor
+    from optimizer.search.prepare import prepare
+    from optimizer.search.study import open_study, run_trials
+
+    config = zoo_config(
+        "reads",
+        limit=2,
+        storage=f"sqlite:///{tmp_path / 'reads.db'}",
+        search={"baselines": False},
+        method="ties",
+        granularity="layer",
+    )
+    prepared = prepare(config_from_dict(config))
+    n_params = len(prepared.space.distributions())
+    assert n_params >= 24
+    study = open_study(prepared)
+    sampler = copy.deepcopy(study.sampler)  # for Optuna's own loop below, in the same state
+    storage = study._storage  # Optuna's cache in front of the database
+    reads: list[int] = []
+    read = storage.get_all_trials
+    storage.get_all_trials = lambda *a, **k: reads.append(1) or read(*a, **k)
+    engine = _BlankEngine()
+    supervisor = EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
+    run_trials(prepared, study, supervisor, target=12)  # TPE's 10 random start-up trials, then TPE
+    reads.clear()
+    run_trials(prepared, study, supervisor, target=16)
+    assert len(reads) / 4 < 8, f"{len(reads) / 4:.0f} storage reads per trial for {n_params} parameters"
+
+    # The same candidates as Optuna's own loop draws from the same history, read per parameter.
+    alone = optuna.create_study(directions=["maximize"] * 3, sampler=sampler)
+    for t in study.trials:
+        trial = alone.ask()
+        assert prepared.space.suggest(trial).to_dict() == t.user_attrs["plan"], f"trial {t.number}"
+        alone.tell(trial, t.values)

@@ -1,8 +1,9 @@
 """Read a study's trials once per candidate, not once per parameter.
 
-Optuna samplers that sample parameters one at a time (TPE's default independent mode, random)
-ask the storage for all trials at every ``suggest_*`` call; with the constant liar TPE uses by
-default, Optuna's trial cache is bypassed, so every call is a fresh database read. A per-layer
+TPE samples parameters one at a time (its default, independent mode) and asks the storage for
+all trials at every ``suggest_*`` call; with the constant liar it uses by default, Optuna's trial
+cache is bypassed, so every call is a fresh database read. (GP and NSGA-II sample a candidate's
+parameters together, random sampling reads nothing: for them the snapshot changes nothing.) A per-layer
 search asks for dozens of parameters per candidate, and on SQLite each read costs ~5 ms: 36
 parameters spent ~0.2 s per trial re-reading the same rows, longer than scoring a zoo candidate.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Container, Iterator
 
 import optuna
@@ -29,16 +31,21 @@ def trials_snapshot(study: optuna.Study) -> Iterator[None]:
     """Within the block, ``study``'s storage answers ``get_all_trials`` from one read.
 
     The read is taken lazily (a candidate that suggests nothing reads nothing) and dropped when
-    the block ends; the storage itself is untouched outside the block.
+    the block ends; the storage itself is untouched outside the block, and other threads (Optuna's
+    heartbeat, a progress display) keep reading the database as before. Blocks on one storage
+    nest, but must not interleave across threads (the study loop opens them from one thread).
     """
     storage = study._storage
     read = storage.get_all_trials  # the storage's own method (or whoever wraps it already)
     shadowed = "get_all_trials" in vars(storage)
     taken: dict[int, list[FrozenTrial]] = {}
+    owner = threading.get_ident()
 
     def get_all_trials(
         study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
     ) -> list[FrozenTrial]:
+        if threading.get_ident() != owner:
+            return read(study_id, deepcopy=deepcopy, states=states)
         if study_id not in taken:
             taken[study_id] = read(study_id, deepcopy=False)
         trials = taken[study_id]
@@ -50,7 +57,8 @@ def trials_snapshot(study: optuna.Study) -> Iterator[None]:
     try:
         yield
     finally:
-        if shadowed:
-            storage.get_all_trials = read  # type: ignore[method-assign]
-        else:
-            del storage.get_all_trials  # the class's method shows through again
+        if vars(storage).get("get_all_trials") is get_all_trials:  # still ours: put back what was there
+            if shadowed:
+                storage.get_all_trials = read  # type: ignore[method-assign]
+            else:
+                del storage.get_all_trials  # the class's method shows through again
