@@ -13,6 +13,7 @@ Spaces are the product's own (``SearchSpace.suggest``, as a study's trials use i
 ``module`` (per layer and module kind: attention and MLP apart; 60 parameters).
 
     .venv/bin/python benchmarks/quality_ceiling.py [--method ties] [--space layer|module] [--trials 300]
+    .venv/bin/python benchmarks/quality_ceiling.py --zoo-stats   # the zoo's task-vector sizes, cosines
 
 Results go under ``<space>/<method>`` in ``results/quality_ceiling.json``.
 """
@@ -32,18 +33,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import optuna  # noqa: E402
+import torch  # noqa: E402
+from quality import RESULTS, TARGET  # noqa: E402
 from samplers import _clean, _config  # noqa: E402
 
 from objectives.tasks import score_tasks  # noqa: E402
 from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
+from optimizer.merge import task_vectors  # noqa: E402
+from optimizer.models import load_state_dict  # noqa: E402
 from optimizer.search.baselines import baseline_plans  # noqa: E402
 from optimizer.search.gain import normalized_gain  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
-TARGET = 0.9
 
 
 def main() -> None:
@@ -53,15 +55,23 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--held-out", type=int, default=256, help="held-out examples per task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zoo-stats", action="store_true", help="only the zoo's task-vector sizes and alignment")
     args = parser.parse_args()
     zoo = default_zoo_dir()
-    build_zoo(zoo)
+    info = build_zoo(zoo)
+    path = RESULTS / "quality_ceiling.json"
+    if args.zoo_stats:
+        stats = task_vector_stats(zoo, list(info["specialists"]))
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        stored["zoo_task_vectors"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **stats}
+        path.write_text(json.dumps(stored, indent=2) + "\n")
+        print(json.dumps(stats, indent=2))
+        return
     raw = _config(zoo, "layer", limit=8, held_out=args.held_out)
     raw.update(method=args.method, split_modules=args.space == "module", name="ceiling")
     prepared = prepare(config_from_dict(raw))
     tasks = [t.name for t in prepared.tasks]
     engine = make_engine("vllm", prepared.models)
-    path = RESULTS / "quality_ceiling.json"
     t0 = time.perf_counter()
     try:
 
@@ -104,9 +114,31 @@ def main() -> None:
     print(f"best worst-task gain {best.value:.3f} {best.user_attrs['gain']}; wrote {path}")
 
 
-def _device() -> str:
-    import torch
+def task_vector_stats(zoo: Path, tasks: list[str]) -> dict:
+    """How large the zoo's task vectors are and how much they point the same way.
 
+    ‖τₘ‖ / ‖θ₀‖ over all weights and for the LM head alone, and the cosine between every two
+    task vectors over all weights: large, aligned task vectors collide when added.
+    """
+    base = load_state_dict(zoo / "base", torch.float32)
+    deltas = task_vectors(base, [load_state_dict(zoo / "specialists" / t, torch.float32) for t in tasks])
+    taus = {t: {k: d[i] for k, d in deltas.items()} for i, t in enumerate(tasks)}
+    norm_base = math.sqrt(sum(float(v.square().sum()) for v in base.values()))
+    sq = {t: sum(float(v.square().sum()) for v in tau.values()) for t, tau in taus.items()}
+    head = next(k for k in base if k.startswith("lm_head"))
+    cosine = {}
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1 :]:
+            dot = sum(float((taus[a][k] * taus[b][k]).sum()) for k in base)
+            cosine[f"{a}-{b}"] = round(dot / math.sqrt(sq[a] * sq[b]), 3)
+    return {
+        "relative_norm": {t: round(math.sqrt(sq[t]) / norm_base, 4) for t in tasks},
+        "relative_norm_lm_head": {t: round(float(taus[t][head].norm() / base[head].norm()), 4) for t in tasks},
+        "cosine": cosine,
+    }
+
+
+def _device() -> str:
     return f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU only"
 
 

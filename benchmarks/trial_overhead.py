@@ -11,9 +11,10 @@ in one run on one machine:
   over this machine's measured copy bandwidth: the memory-bound floor of any merge.
 
 It also runs a short zoo study with the vLLM engine and reports the share of trial wall time
-spent scoring (trial user attrs ``seconds``). Results go to ``benchmarks/results/trial_overhead.json``.
+spent scoring (trial user attrs ``seconds``), and the study loop's own cost per trial with an
+engine that answers at once (``bookkeeping``). Results go to ``benchmarks/results/trial_overhead.json``.
 
-    .venv/bin/python benchmarks/trial_overhead.py [--quick] [--study-only]
+    .venv/bin/python benchmarks/trial_overhead.py [--quick] [--study-only] [--bookkeeping-only]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -228,13 +230,76 @@ def zoo_study_share(trials: int) -> dict:
     }
 
 
+def _counting(read: Callable[..., list], calls: list[int]) -> Callable[..., list]:
+    """``read``, noting each call in ``calls``."""
+
+    def counted(*args: object, **kwargs: object) -> list:
+        calls.append(1)
+        return read(*args, **kwargs)
+
+    return counted
+
+
+def study_bookkeeping(trials: int) -> dict:
+    """What the study loop costs per trial when merging and scoring cost nothing.
+
+    ``run_trials`` on SQLite with a stand-in engine that answers at once (``tests/_engines.py``):
+    what is left is the sampler, the storage and the loop's checks. Measured for the demo's
+    per-model space and its per-layer version, with the one-read-per-candidate snapshot
+    (``optimizer/search/snapshot.py``) and without it (patched out here, for comparison only).
+    """
+    import contextlib
+    from unittest import mock
+
+    from optimizer.config import load_config
+    from optimizer.search.prepare import prepare
+    from optimizer.search.study import open_study, run_trials
+    from tests._engines import BlankEngine
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    out: dict = {"trials": trials}
+    for granularity in ("model", "layer"):
+        for snapshot in (True, False):
+            with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
+                update = {"name": "book", "storage": f"sqlite:///{tmp}/b.db", "granularity": granularity}
+                prepared = prepare(config.model_copy(update=update))
+                study = open_study(prepared)
+                storage = study._storage
+                reads: list[int] = []
+                storage.get_all_trials = _counting(storage.get_all_trials, reads)
+                off = mock.patch("optimizer.search.study.trials_snapshot", lambda _study: contextlib.nullcontext())
+                with contextlib.nullcontext() if snapshot else off:
+                    engine = BlankEngine(prepared.models)
+                    t0 = time.perf_counter()
+                    run_trials(prepared, study, engine, trials)
+                    loop = time.perf_counter() - t0
+            key = f"{granularity}{'' if snapshot else '_without_snapshot'}"
+            out[key] = {
+                "parameters": len(prepared.space.distributions()),
+                "ms_per_trial": round(loop / trials * 1000, 1),
+                "storage_reads_per_trial": round(len(reads) / trials, 1),
+            }
+            print(key, out[key], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer plans, smaller large model")
     parser.add_argument("--study-only", action="store_true", help="only the zoo study's scoring share (printed)")
+    parser.add_argument(
+        "--bookkeeping-only", action="store_true", help="only the loop's own cost per trial (updates the JSON)"
+    )
     args = parser.parse_args()
     if args.study_only:
         print(json.dumps(zoo_study_share(12 if args.quick else 48), indent=2))
+        return
+    bookkeeping_trials = 20 if args.quick else 60
+    if args.bookkeeping_only:
+        path = RESULTS / "trial_overhead.json"
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        stored["bookkeeping"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **study_bookkeeping(bookkeeping_trials)}
+        path.write_text(json.dumps(stored, indent=2) + "\n")
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from optimizer.zoo import build_zoo, default_zoo_dir
@@ -262,6 +327,7 @@ def main() -> None:
         r["copy_floor_s"] = round(floor, 5)
         r["merge_over_floor"] = round(r["merge_s_median"] / floor, 2)
     result["zoo_study"] = zoo_study_share(12 if args.quick else 48)
+    result["bookkeeping"] = {"date": result["date"], **study_bookkeeping(bookkeeping_trials)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "trial_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

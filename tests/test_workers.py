@@ -26,16 +26,16 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from optimizer.engines.base import Engine, LogLikelihood
 from optimizer.search.storage import OWNER_ATTR, make_storage
 from tests._cli import run_cli, write_config, zoo_config, zoo_tasks
+from tests._engines import BlankEngine
 from tests._postgres import PostgresServer, postgres_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -332,22 +332,6 @@ def test_ctrl_c_marks_the_trial_interrupted_and_resume_finishes(zoo, tmp_path: P
     assert len(labels) == len(set(labels)) == N_BASELINES
 
 
-class _BlankEngine(Engine):
-    """A stand-in engine (test double): records the plans it is given; every completion is empty."""
-
-    def __init__(self) -> None:
-        self.plans: list[object] = []
-
-    def apply_plan(self, plan: object) -> None:
-        self.plans.append(plan)
-
-    def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str]) -> list[str]:
-        return ["" for _ in prompts]
-
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
-        return [LogLikelihood(0.0, 1, True) for _ in requests]
-
-
 def test_out_of_memory_fails_the_trial_without_restarting_the_engine(zoo, tmp_path: Path) -> None:
     """Both kinds of OOM (torch's, and a real MemoryError from a 1 PiB allocation) are candidate-sized."""
     import torch
@@ -357,12 +341,12 @@ def test_out_of_memory_fails_the_trial_without_restarting_the_engine(zoo, tmp_pa
     from optimizer.search.prepare import prepare
     from optimizer.search.study import open_study, run_trials
 
-    class RunsOutOfMemory(_BlankEngine):
+    class RunsOutOfMemory(BlankEngine):
         """A stand-in engine (test double) whose first two scorings run out of memory."""
 
         def __init__(self, models: object) -> None:
-            super().__init__()
-            self.models, self.calls = models, 0
+            super().__init__(models)
+            self.calls = 0
 
         def generate(self, prompts: list[str], *, max_tokens: int, stop: list[str]) -> list[str]:
             self.calls += 1
@@ -398,7 +382,7 @@ def test_a_dead_workers_trial_is_retried_even_when_the_target_is_reached(zoo, tm
     config = zoo_config("dead", limit=2, storage=f"sqlite:///{tmp_path / 'dead.db'}", search={"baselines": False})
     prepared = prepare(config_from_dict(config))
     study = open_study(prepared)
-    engine = _BlankEngine()
+    engine = BlankEngine()
     supervisor = EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
     run_trials(prepared, study, supervisor, target=2)
 
@@ -474,7 +458,7 @@ def test_a_per_layer_study_reads_the_storage_once_per_candidate_not_once_per_par
     reads: list[int] = []
     read = storage.get_all_trials
     storage.get_all_trials = lambda *a, **k: reads.append(1) or read(*a, **k)
-    engine = _BlankEngine()
+    engine = BlankEngine()
     supervisor = EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
     run_trials(prepared, study, supervisor, target=12)  # TPE's 10 random start-up trials, then TPE
     reads.clear()

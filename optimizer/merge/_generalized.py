@@ -92,7 +92,7 @@ class GeneralizedMerge:
             # e, i.e. when e·(λτ̂) > 0; a trimmed entry (0) never agrees, so it neither adds nor
             # counts. All in float arithmetic: multiplying by ±1 is exact, so for finite inputs
             # Σ agreeing entries = e·Σ max(e·λτ̂, 0) bit for bit (up to the sign of a zero), and
-            # on CPU the float ops run ~10× faster than the same steps through bool masks.
+            # on CPU the float ops run much faster than the same steps through bool masks.
             elected = weighted.sum(dim=0).sign_().add_(1).sign_().mul_(2).sub_(1)  # -1, 0, +1 → -1, +1, +1
             agreeing = weighted.mul_(elected).clamp_min_(0)
             merged = agreeing.sum(dim=0).mul_(elected)

@@ -98,8 +98,8 @@ def keep_mask(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """1.0 where ``values >= threshold``, else 0.0, in ``values``' dtype.
 
     A float mask, not a bool one: masking is then one multiply, and on CPU every bool kernel
-    (``torch.where`` on a bool condition, bool→float casts, ``masked_fill``) runs 5–25× slower
-    than the float comparison writing into a float buffer (measured on 300k entries, 2 cores).
+    (``torch.where`` on a bool condition, bool→float casts, ``masked_fill``) runs several times
+    slower than the float comparison writing into a float buffer (see benchmarks/README.md).
     For finite values the product equals ``torch.where(mask, x, 0)`` (a dropped negative entry
     becomes −0.0, which compares equal); a dropped ±Inf or NaN would become NaN, which the
     engines' finiteness check then reports as a degenerate candidate.

@@ -3,9 +3,9 @@
 TPE samples parameters one at a time (its default, independent mode) and asks the storage for
 all trials at every ``suggest_*`` call; with the constant liar it uses by default, Optuna's trial
 cache is bypassed, so every call is a fresh database read. (GP and NSGA-II sample a candidate's
-parameters together, random sampling reads nothing: for them the snapshot changes nothing.) A per-layer
-search asks for dozens of parameters per candidate, and on SQLite each read costs ~5 ms: 36
-parameters spent ~0.2 s per trial re-reading the same rows, longer than scoring a zoo candidate.
+parameters together and random sampling reads nothing: for them the snapshot changes nothing.)
+A per-layer search asks for dozens of parameters per candidate: with 36 on SQLite the loop's own
+cost was 270 ms per trial, 143 ms with the snapshot (``benchmarks/trial_overhead.py``).
 
 Within one candidate's suggestions nothing the sampler looks at changes, except what other
 workers write in those few milliseconds — and a sampler never sees those consistently anyway
