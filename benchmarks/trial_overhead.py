@@ -245,8 +245,10 @@ def study_bookkeeping(trials: int) -> dict:
 
     ``run_trials`` on SQLite with a stand-in engine that answers at once (``tests/_engines.py``):
     what is left is the sampler, the storage and the loop's checks. Measured for the demo's
-    per-model space and its per-layer version, with the one-read-per-candidate snapshot
-    (``optimizer/search/snapshot.py``) and without it (patched out here, for comparison only).
+    per-model space and its per-layer version as shipped, and with each of the loop's two storage
+    savings patched out (for comparison only): the one-read-per-candidate snapshot
+    (``optimizer/search/snapshot.py``) and the one-write-per-candidate transaction
+    (``optimizer/search/one_commit.py``).
     """
     import contextlib
     from unittest import mock
@@ -256,10 +258,18 @@ def study_bookkeeping(trials: int) -> dict:
     from optimizer.search.study import open_study, run_trials
     from tests._engines import BlankEngine
 
+    def without(name: str) -> contextlib.AbstractContextManager:
+        return mock.patch(f"optimizer.search.study.{name}", lambda _study: contextlib.nullcontext())
+
+    variants = {
+        "": contextlib.nullcontext,
+        "_without_one_commit": lambda: without("one_commit"),
+        "_without_snapshot": lambda: without("trials_snapshot"),
+    }
     config = load_config(ROOT / "configs" / "demo.yaml")
     out: dict = {"trials": trials}
     for granularity in ("model", "layer"):
-        for snapshot in (True, False):
+        for suffix, patched in variants.items():
             with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
                 update = {"name": "book", "storage": f"sqlite:///{tmp}/b.db", "granularity": granularity}
                 prepared = prepare(config.model_copy(update=update))
@@ -267,13 +277,12 @@ def study_bookkeeping(trials: int) -> dict:
                 storage = study._storage
                 reads: list[int] = []
                 storage.get_all_trials = _counting(storage.get_all_trials, reads)
-                off = mock.patch("optimizer.search.study.trials_snapshot", lambda _study: contextlib.nullcontext())
-                with contextlib.nullcontext() if snapshot else off:
+                with patched():
                     engine = BlankEngine(prepared.models)
                     t0 = time.perf_counter()
                     run_trials(prepared, study, engine, trials)
                     loop = time.perf_counter() - t0
-            key = f"{granularity}{'' if snapshot else '_without_snapshot'}"
+            key = granularity + suffix
             out[key] = {
                 "parameters": len(prepared.space.distributions()),
                 "ms_per_trial": round(loop / trials * 1000, 1),
@@ -286,20 +295,24 @@ def study_bookkeeping(trials: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer plans, smaller large model")
-    parser.add_argument("--study-only", action="store_true", help="only the zoo study's scoring share (printed)")
+    parser.add_argument(
+        "--study-only", action="store_true", help="only the zoo study's scoring share (updates the JSON)"
+    )
     parser.add_argument(
         "--bookkeeping-only", action="store_true", help="only the loop's own cost per trial (updates the JSON)"
     )
     args = parser.parse_args()
-    if args.study_only:
-        print(json.dumps(zoo_study_share(12 if args.quick else 48), indent=2))
-        return
     bookkeeping_trials = 20 if args.quick else 60
-    if args.bookkeeping_only:
+    if args.study_only or args.bookkeeping_only:  # one part, measured again into the stored JSON
         path = RESULTS / "trial_overhead.json"
         stored = json.loads(path.read_text()) if path.exists() else {}
-        stored["bookkeeping"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **study_bookkeeping(bookkeeping_trials)}
+        date = {"date": time.strftime("%Y-%m-%d %H:%M")}
+        if args.study_only:
+            stored["zoo_study"] = {**date, **zoo_study_share(12 if args.quick else 48)}
+        else:
+            stored["bookkeeping"] = {**date, **study_bookkeeping(bookkeeping_trials)}
         path.write_text(json.dumps(stored, indent=2) + "\n")
+        print(json.dumps(stored["zoo_study" if args.study_only else "bookkeeping"], indent=2))
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from optimizer.zoo import build_zoo, default_zoo_dir

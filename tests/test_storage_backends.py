@@ -102,6 +102,46 @@ def _load(url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=make_storage(url, heartbeat_interval=HEARTBEAT))
 
 
+# -- one write per candidate --------------------------------------------------------------------
+
+
+def test_one_commit_writes_a_candidate_together_or_not_at_all(storage_url: str) -> None:
+    """On a database: a block's parameters and attrs are all in the study when the block ends,
+    none are if it raised, and a bad distribution is refused as Optuna refuses it. A journal file
+    is written call by call, as without the block."""
+    import threading
+
+    from optimizer.search.one_commit import one_commit
+
+    study = optuna.create_study(study_name="oc", storage=make_storage(storage_url, heartbeat_interval=HEARTBEAT))
+    batched = not storage_url.startswith("journal")
+    trial = study.ask()
+    with one_commit(study):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        trial.set_user_attr("plan", {"x": x})
+        # Another thread (a progress display, the heartbeat) is not held back.
+        side = threading.Thread(target=lambda: study._storage.set_trial_user_attr(trial._trial_id, "side", 1))
+        side.start()
+        side.join()
+        held = {"side": 1} if batched else {"side": 1, "plan": {"x": x}}
+        assert _load(storage_url, "oc").trials[0].user_attrs == held
+    [stored] = _load(storage_url, "oc").trials
+    assert stored.params == {"x": x} and stored.user_attrs == {"side": 1, "plan": {"x": x}}
+
+    second = study.ask()
+    with pytest.raises(RuntimeError, match="mid-candidate"), one_commit(study):
+        second.suggest_float("x", 0.0, 1.0)
+        second.set_user_attr("plan", {})
+        raise RuntimeError("mid-candidate")
+    if batched:
+        assert _load(storage_url, "oc").trials[1].params == {} and _load(storage_url, "oc").trials[1].user_attrs == {}
+
+    with pytest.raises(ValueError, match="different distribution"), one_commit(study):  # x was a float in [0, 1]
+        second.suggest_int("x", 0, 5)
+    if batched:
+        assert _load(storage_url, "oc").trials[1].params == {}
+
+
 # -- several workers ---------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from optimizer.merge import MergePlan
 from optimizer.search.baselines import baseline_plans
 from optimizer.search.early_rejection import Rejected, StagedScorer
 from optimizer.search.fingerprint import check_fingerprint, models_fingerprint
+from optimizer.search.one_commit import one_commit
 from optimizer.search.prepare import Prepared
 from optimizer.search.snapshot import trials_snapshot
 from optimizer.search.storage import (
@@ -352,14 +353,15 @@ def _objective(
 
     def objective(trial: optuna.Trial) -> list[float]:
         current.number = trial.number
-        mark_owner(trial)  # lets a later worker on a journal storage tell a dead owner's trial
         stored = trial.user_attrs.get("plan")
-        if stored is not None:
-            plan = MergePlan.from_dict(stored)
-        else:
-            with trials_snapshot(trial.study):  # one storage read per candidate, not per parameter
-                plan = prepared.space.suggest(trial)
-            trial.set_user_attr("plan", plan.to_dict())
+        with one_commit(trial.study):  # the candidate's owner, parameters and plan in one write
+            mark_owner(trial)  # lets a later worker on a journal storage tell a dead owner's trial
+            if stored is not None:
+                plan = MergePlan.from_dict(stored)
+            else:
+                with trials_snapshot(trial.study):  # one storage read per candidate, not per parameter
+                    plan = prepared.space.suggest(trial)
+                trial.set_user_attr("plan", plan.to_dict())
         try:
             t0 = time.perf_counter()
             with interrupts.allowed():
