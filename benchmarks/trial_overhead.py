@@ -240,15 +240,15 @@ def _counting(read: Callable[..., list], calls: list[int]) -> Callable[..., list
     return counted
 
 
-def study_bookkeeping(trials: int) -> dict:
+def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
     """What the study loop costs per trial when merging and scoring cost nothing.
 
     ``run_trials`` on SQLite with a stand-in engine that answers at once (``tests/_engines.py``):
-    what is left is the sampler, the storage and the loop's checks. Measured for the demo's
-    per-model space and its per-layer version as shipped, and with each of the loop's two storage
-    savings patched out (for comparison only): the one-read-per-candidate snapshot
-    (``optimizer/search/snapshot.py``) and the one-write-per-candidate transaction
-    (``optimizer/search/one_commit.py``).
+    what is left is the sampler, the storage and the loop's checks (median of ``repeats`` studies
+    per variant). Measured for the demo's per-model space and its per-layer version as shipped,
+    and with each of the loop's two storage savings patched out (for comparison only): the
+    one-read-per-candidate snapshot (``optimizer/search/snapshot.py``) and the
+    one-write-per-candidate transaction (``optimizer/search/one_commit.py``).
     """
     import contextlib
     from unittest import mock
@@ -267,28 +267,33 @@ def study_bookkeeping(trials: int) -> dict:
         "_without_snapshot": lambda: without("trials_snapshot"),
     }
     config = load_config(ROOT / "configs" / "demo.yaml")
-    out: dict = {"trials": trials}
+    out: dict = {"trials": trials, "repeats": repeats}
     for granularity in ("model", "layer"):
-        for suffix, patched in variants.items():
-            with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
-                update = {"name": "book", "storage": f"sqlite:///{tmp}/b.db", "granularity": granularity}
-                prepared = prepare(config.model_copy(update=update))
-                study = open_study(prepared)
-                storage = study._storage
-                reads: list[int] = []
-                storage.get_all_trials = _counting(storage.get_all_trials, reads)
-                with patched():
-                    engine = BlankEngine(prepared.models)
-                    t0 = time.perf_counter()
-                    run_trials(prepared, study, engine, trials)
-                    loop = time.perf_counter() - t0
-            key = granularity + suffix
-            out[key] = {
-                "parameters": len(prepared.space.distributions()),
-                "ms_per_trial": round(loop / trials * 1000, 1),
-                "storage_reads_per_trial": round(len(reads) / trials, 1),
+        runs: dict[str, list[tuple[float, float, int]]] = {suffix: [] for suffix in variants}
+        for _ in range(repeats):  # variants interleaved, so a slow spell of a shared box hits all
+            for suffix, patched in variants.items():
+                with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
+                    update = {"name": "book", "storage": f"sqlite:///{tmp}/b.db", "granularity": granularity}
+                    prepared = prepare(config.model_copy(update=update))
+                    study = open_study(prepared)
+                    storage = study._storage
+                    reads: list[int] = []
+                    storage.get_all_trials = _counting(storage.get_all_trials, reads)
+                    with patched():
+                        engine = BlankEngine(prepared.models)
+                        t0 = time.perf_counter()
+                        run_trials(prepared, study, engine, trials)
+                        loop = time.perf_counter() - t0
+                runs[suffix].append((loop / trials * 1000, len(reads) / trials, len(prepared.space.distributions())))
+        for suffix, results in runs.items():
+            ms = [r[0] for r in results]
+            out[granularity + suffix] = {
+                "parameters": results[0][2],
+                "ms_per_trial": round(statistics.median(ms), 1),
+                "ms_per_trial_all": [round(m, 1) for m in ms],
+                "storage_reads_per_trial": round(results[0][1], 1),
             }
-            print(key, out[key], flush=True)
+            print(granularity + suffix, out[granularity + suffix], flush=True)
     return out
 
 
