@@ -89,7 +89,9 @@ def _write(
         study_id, _number = storage._trial_id_to_study_id_and_number[trial_id]
         known[name] = (study_id, storage._studies[study_id].param_distribution.get(name), distribution)
     try:
-        with _create_scoped_session(backend.scoped_session) as session:
+        # No autoflush: each row writer's lookup query would otherwise send the rows added
+        # before it one INSERT at a time; at commit they go out together.
+        with _create_scoped_session(backend.scoped_session) as session, session.no_autoflush:
             for trial_id, name, value, distribution in params:
                 previous = known[name][1]
                 backend._set_trial_param_without_commit(session, trial_id, name, value, distribution, previous)
