@@ -1,16 +1,19 @@
-"""Write a candidate's parameters (and its plan) to the database in one transaction.
+"""Write a candidate's parameters (and its plan) to the study's storage in one write.
 
-Optuna stores each ``suggest_*`` at once, in a transaction of its own: on SQLite every parameter
-is a commit, i.e. a journal write and an fsync. A per-layer search suggests dozens of parameters
-per candidate, and those commits were the larger half of the study loop's own cost
-(``benchmarks/trial_overhead.py``, ``bookkeeping``). Nothing reads a candidate's parameters from
-the database before the candidate is complete — the trial object keeps its own copy, and other
-workers only sample from finished trials or from the liar's view of running ones — so
-:func:`one_commit` holds the writes of one candidate's suggestions and writes them together when
-the block ends, through Optuna's own row writers.
+Optuna stores each ``suggest_*`` at once, in a write of its own: on SQLite every parameter is a
+commit (a journal write and an fsync), on a journal file an append under the file lock and an
+fsync. A per-layer search suggests dozens of parameters per candidate, and those writes were the
+larger half of the study loop's own cost (``benchmarks/trial_overhead.py``, ``bookkeeping``).
+Nothing reads a candidate's parameters from the storage before the candidate is complete — the
+trial object keeps its own copy, and samplers in other workers see a running trial only through
+the constant liar — so :func:`one_commit` holds the writes of one candidate's suggestions and
+stores them together when the block ends:
 
-Only an RDB storage (SQLite, PostgreSQL, MySQL) behind Optuna's cache is batched; any other
-storage (a journal file, a test double) is written call by call as before.
+* an RDB storage (SQLite, PostgreSQL, MySQL) behind Optuna's cache: one transaction, through
+  Optuna's own row writers;
+* a journal storage: one append of the log entries Optuna would have appended one by one.
+
+Any other storage (a test double, a custom backend) is written call by call as before.
 """
 
 from __future__ import annotations
@@ -21,33 +24,37 @@ from collections.abc import Iterator
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.storages import RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.storages.journal import JournalStorage
+from optuna.storages.journal._storage import JournalOperation
 from sqlalchemy.exc import IntegrityError
 
 __all__ = ["one_commit"]
 
+_Param = tuple[int, str, float, BaseDistribution]
+_Attr = tuple[int, str, Any]
+
 
 @contextlib.contextmanager
 def one_commit(study: optuna.Study) -> Iterator[None]:
-    """Within the block, parameters and user attrs set from this thread reach the database together.
+    """Within the block, parameters and user attrs set from this thread are stored together.
 
-    They are written when the block ends without an exception, in one transaction; if the block
+    They are written when the block ends without an exception, in one write; if the block
     raises, nothing it set is written (the trial fails, and a half-written candidate would only
     mislead). Writes from other threads (a progress display, Optuna's heartbeat) pass straight
     through. Blocks do not nest: an inner block on the same storage writes call by call.
     """
     storage = study._storage
-    backend = getattr(storage, "_backend", None)
-    if not isinstance(storage, _CachedStorage) or not isinstance(backend, RDBStorage) or _shadowed(storage):
+    if not _batchable(storage) or _shadowed(storage):
         yield
         return
     owner = threading.get_ident()
-    params: list[tuple[int, str, float, BaseDistribution]] = []
-    attrs: list[tuple[int, str, Any]] = []
+    params: list[_Param] = []
+    attrs: list[_Attr] = []
     set_param, set_attr = storage.set_trial_param, storage.set_trial_user_attr
 
     def held_param(trial_id: int, param_name: str, param_value_internal: float, distribution: BaseDistribution) -> None:
@@ -68,21 +75,27 @@ def one_commit(study: optuna.Study) -> Iterator[None]:
         for name, ours in (("set_trial_param", held_param), ("set_trial_user_attr", held_attr)):
             if vars(storage).get(name) is ours:  # still ours: the class's method shows through again
                 delattr(storage, name)
-    if params or attrs:
-        _write(storage, backend, params, attrs)
+    if not (params or attrs):
+        return
+    if isinstance(storage, JournalStorage):
+        _append_journal(storage, params, attrs)
+    else:
+        _write_rdb(storage, params, attrs)
 
 
-def _shadowed(storage: _CachedStorage) -> bool:
+def _batchable(storage: object) -> bool:
+    if isinstance(storage, JournalStorage):
+        return True
+    return isinstance(storage, _CachedStorage) and isinstance(getattr(storage, "_backend", None), RDBStorage)
+
+
+def _shadowed(storage: object) -> bool:
     return "set_trial_param" in vars(storage) or "set_trial_user_attr" in vars(storage)
 
 
-def _write(
-    storage: _CachedStorage,
-    backend: RDBStorage,
-    params: list[tuple[int, str, float, BaseDistribution]],
-    attrs: list[tuple[int, str, Any]],
-) -> None:
+def _write_rdb(storage: _CachedStorage, params: list[_Param], attrs: list[_Attr]) -> None:
     """One transaction doing what the cache's per-call methods do, in call order per kind."""
+    backend: RDBStorage = storage._backend
     known: dict[str, tuple[int, BaseDistribution | None, BaseDistribution]] = {}
     for trial_id, name, _value, distribution in params:
         # Like the cache: the study's first distribution of a name is the one the new must match.
@@ -107,3 +120,30 @@ def _write(
         for name, (study_id, previous, distribution) in known.items():
             if previous is None:
                 storage._studies[study_id].param_distribution.setdefault(name, distribution)
+
+
+def _append_journal(storage: JournalStorage, params: list[_Param], attrs: list[_Attr]) -> None:
+    """The entries ``set_trial_param`` / ``set_trial_user_attr`` append, appended in one go.
+
+    The replay that follows checks them as it checks single entries (a finished trial, an
+    incompatible distribution raise here, for this worker's own entries).
+    """
+    with storage._thread_lock:
+        worker = storage._replay_result.worker_id
+        logs: list[dict[str, Any]] = [
+            {
+                "op_code": JournalOperation.SET_TRIAL_PARAM,
+                "worker_id": worker,
+                "trial_id": trial_id,
+                "param_name": name,
+                "param_value_internal": value,
+                "distribution": distribution_to_json(distribution),
+            }
+            for trial_id, name, value, distribution in params
+        ]
+        logs += [
+            {"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker, "trial_id": t, "user_attr": {k: v}}
+            for t, k, v in attrs
+        ]
+        storage._backend.append_logs(logs)
+        storage._sync_with_backend()
