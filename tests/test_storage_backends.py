@@ -116,8 +116,8 @@ def test_one_commit_writes_a_candidate_together_or_not_at_all(storage_url: str) 
     trial = study.ask()
     appends: list[int] = []  # on a journal: entries per append to the file
     if storage_url.startswith("journal"):
-        append = study._storage._backend.append_logs
-        study._storage._backend.append_logs = lambda logs: appends.append(len(logs)) or append(logs)
+        counted = study._storage._backend.append_logs
+        study._storage._backend.append_logs = lambda logs: appends.append(len(logs)) or counted(logs)
     with one_commit(study):
         x = trial.suggest_float("x", 0.0, 1.0)
         trial.set_user_attr("plan", {"x": x})
@@ -137,9 +137,38 @@ def test_one_commit_writes_a_candidate_together_or_not_at_all(storage_url: str) 
         raise RuntimeError("mid-candidate")
     assert _load(storage_url, "oc").trials[1].params == {} and _load(storage_url, "oc").trials[1].user_attrs == {}
 
-    with pytest.raises(ValueError, match="different distribution"), one_commit(study):  # x was a float in [0, 1]
-        second.suggest_int("x", 0, 5)
-    assert _load(storage_url, "oc").trials[1].params == {}
+    # Refused by the storage at the end of the block: nothing of the block is stored.
+    third = study.ask()
+    with pytest.raises(ValueError, match="different distribution"), one_commit(study):
+        third.suggest_float("y", 0.0, 1.0)
+        third.suggest_int("x", 0, 5)  # x is a float in [0, 1] in this study
+        third.set_user_attr("plan", {})
+    assert _load(storage_url, "oc").trials[2].params == {} and _load(storage_url, "oc").trials[2].user_attrs == {}
+
+    fourth = study.ask()
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError), one_commit(study):
+        fourth.suggest_float("y", 0.0, 1.0)
+        _load(storage_url, "oc").tell(fourth.number, state=TrialState.FAIL)  # another worker ends it
+    assert _load(storage_url, "oc").trials[3].params == {}
+    if storage_url.startswith("journal"):  # ended between the block's check and its append
+        fifth = study.ask()
+        append = study._storage._backend.append_logs
+
+        def ours(logs: list) -> None:
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            other = JournalStorage(JournalFileBackend(storage_url.removeprefix("journal://")))  # its own file handle
+            optuna.load_study(study_name="oc", storage=other).tell(fifth.number, state=TrialState.FAIL)
+            append(logs)
+
+        study._storage._backend.append_logs = ours
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError), one_commit(study):
+            fifth.suggest_float("y", 0.0, 1.0)
+            fifth.set_user_attr("plan", {})
+        study._storage._backend.append_logs = append
+        assert _load(storage_url, "oc").trials[4].params == {}
+    # A refused block leaves nothing behind for later, unrelated calls to trip over.
+    assert [t.state for t in study.get_trials()][:4] == [TrialState.RUNNING] * 3 + [TrialState.FAIL]
 
 
 # -- several workers ---------------------------------------------------------------------------

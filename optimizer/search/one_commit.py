@@ -11,9 +11,11 @@ stores them together when the block ends:
 
 * an RDB storage (SQLite, PostgreSQL, MySQL) behind Optuna's cache: one transaction, through
   Optuna's own row writers;
-* a journal storage: one append of the log entries Optuna would have appended one by one.
+* a journal storage: one append of the log entries Optuna would have appended one by one,
+  checked first as Optuna's replay would check them.
 
-Any other storage (a test double, a custom backend) is written call by call as before.
+Any other storage (a test double, a custom backend), or an Optuna whose internals this module
+does not recognise, is written call by call as before: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -24,14 +26,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, distribution_to_json
-from optuna.storages import RDBStorage
-from optuna.storages._cached_storage import _CachedStorage
-from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
-from optuna.storages.journal import JournalStorage
-from optuna.storages.journal._storage import JournalOperation
-from sqlalchemy.exc import IntegrityError
+from optuna.distributions import BaseDistribution, check_distribution_compatibility, distribution_to_json
+
+try:  # Optuna's internals, pinned to the 5.x series; without them, writes are not batched
+    from optuna.storages import RDBStorage
+    from optuna.storages._cached_storage import _CachedStorage
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.storages.journal import JournalStorage
+    from optuna.storages.journal._storage import JournalOperation
+
+    _INTERNALS = True
+except ImportError:  # pragma: no cover - a future Optuna
+    _INTERNALS = False
 
 __all__ = ["one_commit"]
 
@@ -43,10 +50,12 @@ _Attr = tuple[int, str, Any]
 def one_commit(study: optuna.Study) -> Iterator[None]:
     """Within the block, parameters and user attrs set from this thread are stored together.
 
-    They are written when the block ends without an exception, in one write; if the block
-    raises, nothing it set is written (the trial fails, and a half-written candidate would only
-    mislead). Writes from other threads (a progress display, Optuna's heartbeat) pass straight
-    through. Blocks do not nest: an inner block on the same storage writes call by call.
+    Meant for one trial's suggestions. They are written when the block ends without an
+    exception, in one write; if the block raises, nothing it set is written (the trial fails, and
+    a half-written candidate would only mislead), and if the write itself is refused (an
+    incompatible distribution, a trial another worker has finished) nothing of it is stored.
+    Writes from other threads (a progress display, Optuna's heartbeat) pass straight through.
+    A block inside another on the same storage changes nothing: the outer block holds its writes.
     """
     storage = study._storage
     if not _batchable(storage) or _shadowed(storage):
@@ -78,12 +87,14 @@ def one_commit(study: optuna.Study) -> Iterator[None]:
     if not (params or attrs):
         return
     if isinstance(storage, JournalStorage):
-        _append_journal(storage, params, attrs)
+        _append_journal(storage, study._study_id, params, attrs)
     else:
         _write_rdb(storage, params, attrs)
 
 
 def _batchable(storage: object) -> bool:
+    if not _INTERNALS:
+        return False
     if isinstance(storage, JournalStorage):
         return True
     return isinstance(storage, _CachedStorage) and isinstance(getattr(storage, "_backend", None), RDBStorage)
@@ -94,40 +105,50 @@ def _shadowed(storage: object) -> bool:
 
 
 def _write_rdb(storage: _CachedStorage, params: list[_Param], attrs: list[_Attr]) -> None:
-    """One transaction doing what the cache's per-call methods do, in call order per kind."""
+    """One transaction doing what the cache's per-call methods do; any refusal rolls it all back."""
     backend: RDBStorage = storage._backend
     known: dict[str, tuple[int, BaseDistribution | None, BaseDistribution]] = {}
     for trial_id, name, _value, distribution in params:
         # Like the cache: the study's first distribution of a name is the one the new must match.
         study_id, _number = storage._trial_id_to_study_id_and_number[trial_id]
         known[name] = (study_id, storage._studies[study_id].param_distribution.get(name), distribution)
-    try:
-        # No autoflush: each row writer's lookup query would otherwise send the rows added
-        # before it one INSERT at a time; at commit they go out together.
-        with _create_scoped_session(backend.scoped_session) as session, session.no_autoflush:
-            for trial_id, name, value, distribution in params:
-                previous = known[name][1]
-                backend._set_trial_param_without_commit(session, trial_id, name, value, distribution, previous)
-            for trial_id, key, value in attrs:
-                backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
-    except IntegrityError:  # a row already there (a racing writer): Optuna's per-call writes skip it
+    # No autoflush: each row writer's lookup query would otherwise send the rows added before it
+    # one INSERT at a time; at commit they go out together.
+    with _create_scoped_session(backend.scoped_session) as session, session.no_autoflush:
         for trial_id, name, value, distribution in params:
-            storage.set_trial_param(trial_id, name, value, distribution)
+            backend._set_trial_param_without_commit(session, trial_id, name, value, distribution, known[name][1])
         for trial_id, key, value in attrs:
-            storage.set_trial_user_attr(trial_id, key, value)
-        return
+            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
     with storage._lock:
         for name, (study_id, previous, distribution) in known.items():
             if previous is None:
                 storage._studies[study_id].param_distribution.setdefault(name, distribution)
 
 
-def _append_journal(storage: JournalStorage, params: list[_Param], attrs: list[_Attr]) -> None:
+def _append_journal(storage: JournalStorage, study_id: int, params: list[_Param], attrs: list[_Attr]) -> None:
     """The entries ``set_trial_param`` / ``set_trial_user_attr`` append, appended in one go.
 
-    The replay that follows checks them as it checks single entries (a finished trial, an
-    incompatible distribution raise here, for this worker's own entries).
+    Optuna checks a journal entry only when it replays it, and stops a replay at this worker's
+    first refused entry, leaving the rest of a batch to fail later, unrelated reads one by one.
+    So the batch is checked here first, against the log as replayed just now, as the replay
+    would check it (the trial still running, each distribution compatible with the study's).
     """
+    trial_ids = {p[0] for p in params} | {a[0] for a in attrs}
+    trials = {trial_id: storage.get_trial(trial_id) for trial_id in trial_ids}  # syncs with the file
+    for trial in trials.values():
+        if trial.state.is_finished():
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"trial #{trial.number} has already finished and cannot be updated"
+            )
+    if params:
+        seen: dict[str, BaseDistribution] = {}
+        for trial in storage.get_all_trials(study_id, deepcopy=False):
+            for name, distribution in trial.distributions.items():
+                seen.setdefault(name, distribution)
+        for _trial_id, name, _value, distribution in params:
+            if name in seen:
+                check_distribution_compatibility(seen[name], distribution)
+            seen.setdefault(name, distribution)
     with storage._thread_lock:
         worker = storage._replay_result.worker_id
         logs: list[dict[str, Any]] = [
@@ -146,4 +167,17 @@ def _append_journal(storage: JournalStorage, params: list[_Param], attrs: list[_
             for t, k, v in attrs
         ]
         storage._backend.append_logs(logs)
-        storage._sync_with_backend()
+        # Another worker may still finish the trial between the check and the append: replay to
+        # the end of the log whatever its entries raise, and raise the first error, once.
+        first: Exception | None = None
+        while True:
+            read = storage._replay_result.log_number_read
+            try:
+                storage._sync_with_backend()
+                break
+            except Exception as exc:  # re-raised below, once the replay has reached the end
+                if storage._replay_result.log_number_read == read:  # not a refused entry: the file
+                    raise
+                first = first or exc
+    if first is not None:
+        raise first

@@ -354,13 +354,15 @@ def _objective(
     def objective(trial: optuna.Trial) -> list[float]:
         current.number = trial.number
         stored = trial.user_attrs.get("plan")
-        with one_commit(trial.study):  # the candidate's owner, parameters and plan in one write
-            mark_owner(trial)  # lets a later worker on a journal storage tell a dead owner's trial
-            if stored is not None:
-                plan = MergePlan.from_dict(stored)
-            else:
-                with trials_snapshot(trial.study):  # one storage read per candidate, not per parameter
-                    plan = prepared.space.suggest(trial)
+        # The owner first, on its own: a worker killed while it picks the parameters must be
+        # seen as dead at once, not STALE_SECONDS after the trial's start.
+        mark_owner(trial)  # lets a later worker on a journal storage tell a dead owner's trial
+        if stored is not None:
+            plan = MergePlan.from_dict(stored)
+        else:
+            # One storage read and one write per candidate, not one of each per parameter.
+            with trials_snapshot(trial.study), one_commit(trial.study):
+                plan = prepared.space.suggest(trial)
                 trial.set_user_attr("plan", plan.to_dict())
         try:
             t0 = time.perf_counter()
