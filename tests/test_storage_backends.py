@@ -171,6 +171,22 @@ def test_one_commit_writes_a_candidate_together_or_not_at_all(storage_url: str) 
     assert [t.state for t in study.get_trials()][:4] == [TrialState.RUNNING] * 3 + [TrialState.FAIL]
 
 
+def test_one_commit_with_unknown_optuna_internals_writes_call_by_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Optuna whose private row writers changed shape is not batched, and still stores all."""
+    from optimizer.search import one_commit as module
+
+    monkeypatch.setattr(module, "_INTERNALS", False)
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    study = optuna.create_study(study_name="u", storage=make_storage(url))
+    trial = study.ask()
+    with module.one_commit(study):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        assert _load(url, "u").trials[0].params == {"x": x}  # written at once, as Optuna does
+    assert _load(url, "u").trials[0].params == {"x": x}
+
+
 # -- several workers ---------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ does not recognise, is written call by call as before: slower, never wrong.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -36,9 +37,42 @@ try:  # Optuna's internals, pinned to the 5.x series; without them, writes are n
     from optuna.storages.journal import JournalStorage
     from optuna.storages.journal._storage import JournalOperation
 
-    _INTERNALS = True
+    _IMPORTED = True
 except ImportError:  # pragma: no cover - a future Optuna
-    _INTERNALS = False
+    _IMPORTED = False
+
+#: The private methods this module calls, with the parameters it passes (Optuna 5.0).
+_ROW_WRITERS = {
+    "_set_trial_param_without_commit": (
+        "self",
+        "session",
+        "trial_id",
+        "param_name",
+        "param_value_internal",
+        "distribution",
+        "previous_distribution",
+    ),
+    "_set_trial_attr_without_commit": ("self", "session", "model_cls", "trial_id", "key", "value"),
+}
+#: The private attributes it reads on a storage instance.
+_RDB_ATTRS = ("_backend", "_lock", "_studies", "_trial_id_to_study_id_and_number")
+_JOURNAL_ATTRS = ("_backend", "_thread_lock", "_replay_result", "_sync_with_backend")
+
+
+def _internals_known() -> bool:
+    """Whether Optuna's internals still have the shape this module was written against."""
+    if not _IMPORTED:
+        return False
+    try:
+        return all(
+            tuple(inspect.signature(getattr(RDBStorage, name)).parameters) == expected
+            for name, expected in _ROW_WRITERS.items()
+        )
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - a future Optuna
+        return False
+
+
+_INTERNALS = _internals_known()
 
 __all__ = ["one_commit"]
 
@@ -96,8 +130,15 @@ def _batchable(storage: object) -> bool:
     if not _INTERNALS:
         return False
     if isinstance(storage, JournalStorage):
-        return True
-    return isinstance(storage, _CachedStorage) and isinstance(getattr(storage, "_backend", None), RDBStorage)
+        replay = getattr(storage, "_replay_result", None)
+        return all(hasattr(storage, a) for a in _JOURNAL_ATTRS) and all(
+            hasattr(replay, a) for a in ("worker_id", "log_number_read")
+        )
+    return (
+        isinstance(storage, _CachedStorage)
+        and all(hasattr(storage, a) for a in _RDB_ATTRS)
+        and isinstance(storage._backend, RDBStorage)
+    )
 
 
 def _shadowed(storage: object) -> bool:
