@@ -430,36 +430,34 @@ def _freeze_in_trial(proc: subprocess.Popen, db: Path) -> int:
     pytest.fail("never caught the search inside a trial")
 
 
+def _per_layer_study(storage: str) -> tuple:
+    """A per-layer TIES study on the zoo (no baselines) and a supervisor around a blank engine."""
+    from optimizer.config import config_from_dict
+    from optimizer.engines.supervisor import EngineSupervisor
+    from optimizer.search.prepare import prepare
+    from optimizer.search.study import open_study
+
+    config = zoo_config("layer", limit=2, storage=storage, search={"baselines": False}, method="ties")
+    config["granularity"] = "layer"
+    prepared = prepare(config_from_dict(config))
+    engine = BlankEngine()
+    return prepared, open_study(prepared), EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
+
+
 def test_a_per_layer_study_reads_the_storage_once_per_candidate_not_once_per_parameter(zoo, tmp_path: Path) -> None:
     """TPE (constant liar) re-reads every trial from the database at each ``suggest_*``: a
     per-layer study paid dozens of SQLite reads per candidate. The study loop serves a
     candidate's suggestions from one read, and draws exactly the candidates Optuna draws alone."""
-    import optuna
+    from optimizer.search.study import run_trials
 
-    from optimizer.config import config_from_dict
-    from optimizer.engines.supervisor import EngineSupervisor
-    from optimizer.search.prepare import prepare
-    from optimizer.search.study import open_study, run_trials
-
-    config = zoo_config(
-        "reads",
-        limit=2,
-        storage=f"sqlite:///{tmp_path / 'reads.db'}",
-        search={"baselines": False},
-        method="ties",
-        granularity="layer",
-    )
-    prepared = prepare(config_from_dict(config))
+    prepared, study, supervisor = _per_layer_study(f"sqlite:///{tmp_path / 'reads.db'}")
     n_params = len(prepared.space.distributions())
     assert n_params >= 24
-    study = open_study(prepared)
     sampler = copy.deepcopy(study.sampler)  # for Optuna's own loop below, in the same state
     storage = study._storage  # Optuna's cache in front of the database
     reads: list[int] = []
     read = storage.get_all_trials
     storage.get_all_trials = lambda *a, **k: reads.append(1) or read(*a, **k)
-    engine = BlankEngine()
-    supervisor = EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
     run_trials(prepared, study, supervisor, target=12)  # TPE's 10 random start-up trials, then TPE
     reads.clear()
     run_trials(prepared, study, supervisor, target=16)
@@ -479,17 +477,12 @@ def test_a_per_layer_candidate_is_written_in_one_transaction_and_reads_back_whol
     and the study read back from the file holds every parameter of every trial, equal to its plan."""
     from sqlalchemy import event
 
-    from optimizer.config import config_from_dict
-    from optimizer.engines.supervisor import EngineSupervisor
-    from optimizer.search.prepare import prepare
-    from optimizer.search.study import open_study, run_trials
+    from optimizer.search.study import run_trials
 
     url = f"sqlite:///{tmp_path / 'writes.db'}"
-    config = zoo_config("writes", limit=2, storage=url, search={"baselines": False}, method="ties", granularity="layer")
-    prepared = prepare(config_from_dict(config))
+    prepared, study, supervisor = _per_layer_study(url)
     distributions = prepared.space.distributions()
     assert len(distributions) >= 24
-    study = open_study(prepared)
     wrote, writing = [], [False]
     engine_ = study._storage._backend.engine
 
@@ -502,8 +495,6 @@ def test_a_per_layer_candidate_is_written_in_one_transaction_and_reads_back_whol
         wrote.extend([1] if writing[0] else [])
         writing[0] = False
 
-    engine = BlankEngine()
-    supervisor = EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
     run_trials(prepared, study, supervisor, target=12)  # TPE's 10 random start-up trials, then TPE
     per_trial = len(wrote) / 12
     assert per_trial < 8, f"{per_trial:.0f} write transactions per trial for {len(distributions)} parameters"

@@ -174,22 +174,26 @@ def _append_journal(storage: JournalStorage, study_id: int, params: list[_Param]
     So the batch is checked here first, against the log as replayed just now, as the replay
     would check it (the trial still running, each distribution compatible with the study's).
     """
-    trial_ids = {p[0] for p in params} | {a[0] for a in attrs}
-    trials = {trial_id: storage.get_trial(trial_id) for trial_id in trial_ids}  # syncs with the file
-    for trial in trials.values():
+    for trial_id in {p[0] for p in params} | {a[0] for a in attrs}:
+        trial = storage.get_trial(trial_id)  # syncs with the file
         if trial.state.is_finished():
             raise optuna.exceptions.UpdateFinishedTrialError(
                 f"trial #{trial.number} has already finished and cannot be updated"
             )
-    if params:
-        seen: dict[str, BaseDistribution] = {}
-        for trial in storage.get_all_trials(study_id, deepcopy=False):
-            for name, distribution in trial.distributions.items():
-                seen.setdefault(name, distribution)
-        for _trial_id, name, _value, distribution in params:
-            if name in seen:
-                check_distribution_compatibility(seen[name], distribution)
-            seen.setdefault(name, distribution)
+    # Each name's first stored distribution, found by scanning trials only until every name of
+    # the batch is found (in a running study, usually in the first trial): not a pass over all.
+    wanted = {name for _trial_id, name, _value, _dist in params}
+    seen: dict[str, BaseDistribution] = {}
+    for trial in storage.get_all_trials(study_id, deepcopy=False) if wanted else ():
+        for name in wanted & trial.distributions.keys():
+            seen[name] = trial.distributions[name]
+        wanted -= seen.keys()
+        if not wanted:
+            break
+    for _trial_id, name, _value, distribution in params:
+        if name in seen:
+            check_distribution_compatibility(seen[name], distribution)
+        seen.setdefault(name, distribution)
     with storage._thread_lock:
         worker = storage._replay_result.worker_id
         logs: list[dict[str, Any]] = [
