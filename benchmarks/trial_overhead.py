@@ -240,6 +240,25 @@ def _counting(read: Callable[..., list], calls: list[int]) -> Callable[..., list
     return counted
 
 
+def _count_write_transactions(engine: object) -> list[int]:
+    """A list that grows by one at each commit of ``engine`` (SQLAlchemy) that wrote something."""
+    from sqlalchemy import event
+
+    wrote: list[int] = []
+    writing = [False]
+
+    def statement(conn: object, cursor: object, text: str, *args: object) -> None:
+        writing[0] |= text.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
+
+    def commit(conn: object) -> None:
+        wrote.extend([1] if writing[0] else [])
+        writing[0] = False
+
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    return wrote
+
+
 def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
     """What the study loop costs per trial when merging and scoring cost nothing.
 
@@ -271,7 +290,7 @@ def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
     # The demo's space and its per-layer version on SQLite (the default), and per layer on a
     # journal file (what several machines share over NFS).
     for granularity, kind in (("model", ""), ("layer", ""), ("layer", "_journal")):
-        runs: dict[str, list[tuple[float, float, int]]] = {suffix: [] for suffix in variants}
+        runs: dict[str, list[tuple[float, float, int, float | None]]] = {suffix: [] for suffix in variants}
         for _ in range(repeats):  # variants interleaved, so a slow spell of a shared box hits all
             for suffix, patched in variants.items():
                 with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
@@ -282,12 +301,15 @@ def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
                     storage = study._storage
                     reads: list[int] = []
                     storage.get_all_trials = _counting(storage.get_all_trials, reads)
+                    writes = None if kind else _count_write_transactions(storage._backend.engine)
                     with patched():
                         engine = BlankEngine(prepared.models)
                         t0 = time.perf_counter()
                         run_trials(prepared, study, engine, trials)
                         loop = time.perf_counter() - t0
-                runs[suffix].append((loop / trials * 1000, len(reads) / trials, len(prepared.space.distributions())))
+                n_params = len(prepared.space.distributions())
+                per_write = None if writes is None else len(writes) / trials
+                runs[suffix].append((loop / trials * 1000, len(reads) / trials, n_params, per_write))
         for suffix, results in runs.items():
             ms = [r[0] for r in results]
             out[granularity + kind + suffix] = {
@@ -296,6 +318,8 @@ def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
                 "ms_per_trial_all": [round(m, 1) for m in ms],
                 "storage_reads_per_trial": round(results[0][1], 1),
             }
+            if results[0][3] is not None:  # SQLite: transactions that wrote (a journal appends)
+                out[granularity + kind + suffix]["write_transactions_per_trial"] = round(results[0][3], 1)
             print(granularity + kind + suffix, out[granularity + kind + suffix], flush=True)
     return out
 

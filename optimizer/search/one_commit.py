@@ -2,8 +2,8 @@
 
 Optuna stores each ``suggest_*`` at once, in a write of its own: on SQLite every parameter is a
 commit (a journal write and an fsync), on a journal file an append under the file lock and an
-fsync. A per-layer search suggests dozens of parameters per candidate, and those writes were the
-larger half of the study loop's own cost (``benchmarks/trial_overhead.py``, ``bookkeeping``).
+fsync. A per-layer search suggests dozens of parameters per candidate, and those writes were
+about half of the study loop's own cost (``benchmarks/trial_overhead.py``, ``bookkeeping``).
 Nothing reads a candidate's parameters from the storage before the candidate is complete — the
 trial object keeps its own copy, and samplers in other workers see a running trial only through
 the constant liar — so :func:`one_commit` holds the writes of one candidate's suggestions and
