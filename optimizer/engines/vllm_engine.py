@@ -140,11 +140,12 @@ class VLLMEngine(Engine):
         llm = getattr(self, "llm", None)
         if llm is not None:
             # vLLM waits 5 s for its engine-core process, then kills it with a warning; on the CPU
-            # build that process needs about 5 s to exit (measured: 4.7 s after SIGTERM), so every
-            # search ended on a "force killing" warning. Given more time it exits on its own.
+            # build that process needs about 5 s to exit (4.7 s after SIGTERM, timed ad hoc), so
+            # every search ended on a "force killing" warning. Given more time it exits on its own.
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            with contextlib.suppress(Exception):  # best effort: the finalizer below still runs
-                core.shutdown(timeout=_SHUTDOWN_S)
+            if core is not None:
+                with contextlib.suppress(Exception):  # best effort: the finalizer below still runs
+                    core.shutdown(timeout=_SHUTDOWN_S)
             del self.llm
             import gc
 
