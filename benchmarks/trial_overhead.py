@@ -12,9 +12,10 @@ in one run on one machine:
 
 It also runs a short zoo study with the vLLM engine and reports the share of trial wall time
 spent scoring (trial user attrs ``seconds``), and the study loop's own cost per trial with an
-engine that answers at once (``bookkeeping``). Results go to ``benchmarks/results/trial_overhead.json``.
+engine that answers at once (``bookkeeping``) and how that cost grows over a long per-layer study
+(``scaling``). Results go to ``benchmarks/results/trial_overhead.json``.
 
-    .venv/bin/python benchmarks/trial_overhead.py [--quick] [--study-only] [--bookkeeping-only]
+    .venv/bin/python benchmarks/trial_overhead.py [--quick] [--study-only | --bookkeeping-only | --scaling-only]
 """
 
 from __future__ import annotations
@@ -324,6 +325,77 @@ def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
     return out
 
 
+def _varied_scores(engine: object) -> Callable[..., list]:
+    """A stand-in for ``score_tasks``: scores that depend on the candidate, as a real study's do.
+
+    A blank engine's scores are all equal, which makes TPE's split of the trials trivial; here
+    each task rewards its own model's weights, penalizes the others' and adds seeded noise (a
+    function of the plan), so the study's front grows as in a real search.
+    """
+    import hashlib
+    import random
+
+    from objectives.metrics import MetricResult
+
+    def score(_engine: object, tasks: list, split: str = "search") -> list:
+        plan = engine.plans[-1]
+        weights = {m: 0.0 for m in plan.models}
+        for scope, p in plan.params.items():
+            weights[scope.split(".", 1)[0]] += p.weight
+        seed = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).digest()
+        noise = random.Random(seed)
+        total = sum(weights.values())
+        values = [weights[m] - 0.3 * total + 0.5 * noise.random() for m in plan.models]
+        return [MetricResult(v, [v]) for v in values[: len(tasks)]]
+
+    return score
+
+
+def study_scaling(trials: int, window: int = 100) -> dict:
+    """How the study loop's own cost grows with the study: per-layer space, SQLite, varied scores.
+
+    Two studies of the demo config at per-layer granularity (36 parameters), one as shipped and
+    one without :mod:`optimizer.search.split_once` (for comparison only), advanced in turns by
+    ``window`` trials so a slow spell of a shared box hits both; ms per trial of each window. The
+    two studies draw the same candidates (checked), so the difference is the split's cost alone.
+    """
+    import contextlib
+    from unittest import mock
+
+    from optimizer.config import load_config
+    from optimizer.search.prepare import prepare
+    from optimizer.search.study import open_study, run_trials
+    from tests._engines import BlankEngine
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    variants = {
+        "layer": contextlib.nullcontext,
+        "layer_without_split_once": lambda: mock.patch("optimizer.search.study.split_once", contextlib.nullcontext),
+    }
+    out: dict = {"trials": trials, "window": window, "ms_per_trial": {k: [] for k in variants}}
+    with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
+        runs = {}
+        for name in variants:
+            update = {"name": name, "storage": f"sqlite:///{tmp}/{name}.db", "granularity": "layer"}
+            prepared = prepare(config.model_copy(update=update))
+            engine = BlankEngine(prepared.models)
+            runs[name] = (prepared, open_study(prepared), engine)
+        out["parameters"] = len(prepared.space.distributions())
+        for end in range(window, trials + 1, window):
+            for name, patched in variants.items():
+                prepared, study, engine = runs[name]
+                with patched(), mock.patch("optimizer.search.study.score_tasks", _varied_scores(engine)):
+                    t0 = time.perf_counter()
+                    run_trials(prepared, study, engine, end)
+                    ms = (time.perf_counter() - t0) / window * 1000
+                out["ms_per_trial"][name].append(round(ms, 1))
+            print(end, {k: v[-1] for k, v in out["ms_per_trial"].items()}, flush=True)
+        plans = [[t.user_attrs["plan"] for t in runs[name][1].trials] for name in variants]
+        out["same_candidates"] = plans[0] == plans[1]
+        out["front_size"] = len(runs["layer"][1].best_trials)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer plans, smaller large model")
@@ -333,18 +405,25 @@ def main() -> None:
     parser.add_argument(
         "--bookkeeping-only", action="store_true", help="only the loop's own cost per trial (updates the JSON)"
     )
+    parser.add_argument(
+        "--scaling-only", action="store_true", help="only the loop's cost over a long study (updates the JSON)"
+    )
     args = parser.parse_args()
     bookkeeping_trials = 20 if args.quick else 60
-    if args.study_only or args.bookkeeping_only:  # one part, measured again into the stored JSON
+    scaling_trials = 200 if args.quick else 1000
+    if args.study_only or args.bookkeeping_only or args.scaling_only:  # one part, measured again
         path = RESULTS / "trial_overhead.json"
         stored = json.loads(path.read_text()) if path.exists() else {}
         date = {"date": time.strftime("%Y-%m-%d %H:%M")}
         if args.study_only:
-            stored["zoo_study"] = {**date, **zoo_study_share(12 if args.quick else 48)}
+            key, part = "zoo_study", zoo_study_share(12 if args.quick else 48)
+        elif args.bookkeeping_only:
+            key, part = "bookkeeping", study_bookkeeping(bookkeeping_trials)
         else:
-            stored["bookkeeping"] = {**date, **study_bookkeeping(bookkeeping_trials)}
+            key, part = "scaling", study_scaling(scaling_trials)
+        stored[key] = {**date, **part}
         path.write_text(json.dumps(stored, indent=2) + "\n")
-        print(json.dumps(stored["zoo_study" if args.study_only else "bookkeeping"], indent=2))
+        print(json.dumps(stored[key], indent=2))
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from optimizer.zoo import build_zoo, default_zoo_dir
@@ -373,6 +452,7 @@ def main() -> None:
         r["merge_over_floor"] = round(r["merge_s_median"] / floor, 2)
     result["zoo_study"] = zoo_study_share(12 if args.quick else 48)
     result["bookkeeping"] = {"date": result["date"], **study_bookkeeping(bookkeeping_trials)}
+    result["scaling"] = {"date": result["date"], **study_scaling(scaling_trials)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "trial_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

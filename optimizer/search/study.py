@@ -35,6 +35,7 @@ from optimizer.search.fingerprint import check_fingerprint, models_fingerprint
 from optimizer.search.one_commit import one_commit
 from optimizer.search.prepare import Prepared
 from optimizer.search.snapshot import trials_snapshot
+from optimizer.search.split_once import split_once
 from optimizer.search.storage import (
     display_url,
     fail_stale_running,
@@ -360,8 +361,9 @@ def _objective(
         if stored is not None:
             plan = MergePlan.from_dict(stored)
         else:
-            # One storage read and one write per candidate, not one of each per parameter.
-            with trials_snapshot(trial.study), one_commit(trial.study):
+            # One storage read, one split of the trials (TPE) and one write per candidate, not
+            # one of each per parameter.
+            with trials_snapshot(trial.study), split_once(), one_commit(trial.study):
                 plan = prepared.space.suggest(trial)
                 trial.set_user_attr("plan", plan.to_dict())
         try:
