@@ -354,23 +354,36 @@ def _varied_scores(engine: object) -> Callable[..., list]:
 def study_scaling(trials: int, window: int = 100) -> dict:
     """How the study loop's own cost grows with the study: per-layer space, SQLite, varied scores.
 
-    Two studies of the demo config at per-layer granularity (36 parameters), one as shipped and
-    one without :mod:`optimizer.search.split_once` (for comparison only), advanced in turns by
-    ``window`` trials so a slow spell of a shared box hits both; ms per trial of each window. The
-    two studies draw the same candidates (checked), so the difference is the split's cost alone.
+    Studies of the demo config at per-layer granularity (36 parameters), each with the progress
+    line ``mergeopt search`` shows (written to a log, as overnight), advanced in turns by
+    ``window`` trials so a slow spell of a shared box hits all; ms per trial of each window. One
+    study as shipped, and for comparison one without :mod:`optimizer.search.split_once` and one
+    whose progress line reads the front with Optuna's ``best_trials`` (a copy of the whole
+    study per trial) instead of :mod:`optimizer.search.front`. All draw the same candidates
+    (checked), so the differences are those costs alone.
     """
     import contextlib
+    import io
     from unittest import mock
 
+    from rich.console import Console
+
     from optimizer.config import load_config
+    from optimizer.search.front import front_trials
     from optimizer.search.prepare import prepare
+    from optimizer.search.progress import SearchProgress
     from optimizer.search.study import open_study, run_trials
     from tests._engines import BlankEngine
 
     config = load_config(ROOT / "configs" / "demo.yaml")
+
+    def optunas_front(study: object, trials: object = None) -> list:
+        return sorted(study.best_trials, key=lambda t: t.number)
+
     variants = {
         "layer": contextlib.nullcontext,
         "layer_without_split_once": lambda: mock.patch("optimizer.search.study.split_once", contextlib.nullcontext),
+        "layer_with_optunas_best_trials": lambda: mock.patch("optimizer.search.progress.front_trials", optunas_front),
     }
     out: dict = {"trials": trials, "window": window, "ms_per_trial": {k: [] for k in variants}}
     with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
@@ -384,15 +397,26 @@ def study_scaling(trials: int, window: int = 100) -> dict:
         for end in range(window, trials + 1, window):
             for name, patched in variants.items():
                 prepared, study, engine = runs[name]
+                log = Console(file=io.StringIO(), width=200)  # one plain line per trial, as in a log file
                 with patched(), mock.patch("optimizer.search.study.score_tasks", _varied_scores(engine)):
                     t0 = time.perf_counter()
-                    run_trials(prepared, study, engine, end)
+                    with SearchProgress(study, end, console=log) as progress:
+                        run_trials(prepared, study, engine, end, callbacks=[progress])
                     ms = (time.perf_counter() - t0) / window * 1000
                 out["ms_per_trial"][name].append(round(ms, 1))
             print(end, {k: v[-1] for k, v in out["ms_per_trial"].items()}, flush=True)
         plans = [[t.user_attrs["plan"] for t in runs[name][1].trials] for name in variants]
-        out["same_candidates"] = plans[0] == plans[1]
-        out["front_size"] = len(runs["layer"][1].best_trials)
+        out["same_candidates"] = all(p == plans[0] for p in plans)
+        study = runs["layer"][1]
+        out["front_size"] = len(front_trials(study))
+        # Reading the front of the finished study, as the progress line does after every trial.
+        for key, read in (("front_trials_ms", front_trials), ("optunas_best_trials_ms", optunas_front)):
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                read(study)
+                times.append((time.perf_counter() - t0) * 1000)
+            out[key] = round(statistics.median(times), 1)
     return out
 
 

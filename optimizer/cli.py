@@ -126,11 +126,13 @@ def _print_front(study, prepared, engine: _LazyEngine | None = None) -> None:
     """The front as a table; with an engine, held-out scores of its members too."""
     from rich.table import Table
 
-    from optimizer.search.pareto import front_members, front_trials
+    from optimizer.search.front import front_trials
+    from optimizer.search.pareto import front_members
 
     console = _console()
     names = study.metric_names or [t.name for t in prepared.tasks]
-    table = Table(title=f"Pareto front of {study.study_name} ({len(study.best_trials)} trials)")
+    front = front_trials(study)
+    table = Table(title=f"Pareto front of {study.study_name} ({len(front)} trials)")
     table.add_column("trial", justify="right")
     table.add_column("baseline")
     for n in names:
@@ -146,7 +148,7 @@ def _print_front(study, prepared, engine: _LazyEngine | None = None) -> None:
                 *(f"{m.held_out[n]:.3f}" for n in names),
             )
     else:
-        for t in front_trials(study):
+        for t in front:
             table.add_row(str(t.number), str(t.user_attrs.get("baseline", "")), *(f"{v:.3f}" for v in t.values))
     console.print(table)
 

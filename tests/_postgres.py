@@ -201,7 +201,7 @@ def running_postgres(bin_dir: Path) -> Iterator[PostgresServer]:
                 "fsync": "off",
                 "synchronous_commit": "off",
                 "full_page_writes": "off",
-                "max_connections": 50,
+                "max_connections": 200,  # each storage a test opens keeps its pool until collected
                 "shared_buffers": "16MB",
             }
             cmd = [str(bin_dir / "postgres"), "-D", str(data)]

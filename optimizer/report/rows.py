@@ -20,8 +20,9 @@ import optuna
 from optuna.trial import TrialState
 
 from optimizer.engines.base import Engine
+from optimizer.search.front import front_trials
 from optimizer.search.gain import References, references
-from optimizer.search.pareto import front_trials, held_out_scores
+from optimizer.search.pareto import held_out_scores
 from optimizer.search.prepare import Prepared
 
 __all__ = ["ReportRow", "collect_rows", "write_tables"]

@@ -17,9 +17,10 @@ from optuna.trial import FrozenTrial
 from objectives.tasks import score_tasks
 from optimizer.engines.base import Engine
 from optimizer.merge import MergePlan
+from optimizer.search.front import front_trials
 from optimizer.search.prepare import Prepared
 
-__all__ = ["FrontMember", "front_members", "front_trials", "held_out_scores"]
+__all__ = ["FrontMember", "front_members", "held_out_scores"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,6 @@ class FrontMember:
     label: str  # baseline label, or "" for a searched trial
     search: dict[str, float]
     held_out: dict[str, float]
-
-
-def front_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """``study.best_trials`` (Optuna's own non-dominated set), ordered by trial number."""
-    return sorted(study.best_trials, key=lambda t: t.number)
 
 
 def held_out_scores(

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from optimizer.search.front import front_trials
 from optimizer.search.storage import OWNER_ATTR, owner_alive
 from optimizer.search.study import FINISHED, count_finished
 
@@ -34,7 +35,7 @@ def _summary(study: optuna.Study) -> tuple[str, int]:
     for i, (name, direction) in enumerate(zip(names, study.directions, strict=True)):
         pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
         parts.append(f"{name} {pick(t.values[i] for t in complete):.3f}")
-    front = len(study.best_trials)
+    front = len(front_trials(study, complete))
     return "best " + ", ".join(parts) + f" | front {front}", front
 
 
@@ -230,7 +231,7 @@ def study_status(
         states=dict(states),
         target=target,
         failures=_failures(trials),
-        front=len(study.best_trials) if complete else 0,
+        front=len(front_trials(study, complete)),
         baselines_done=len(done),
         baselines_total=len(labels),
         window_hours=window_hours,

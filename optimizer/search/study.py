@@ -32,6 +32,7 @@ from optimizer.merge import MergePlan
 from optimizer.search.baselines import baseline_plans
 from optimizer.search.early_rejection import Rejected, StagedScorer
 from optimizer.search.fingerprint import check_fingerprint, models_fingerprint
+from optimizer.search.front import front_trials
 from optimizer.search.one_commit import one_commit
 from optimizer.search.prepare import Prepared
 from optimizer.search.snapshot import trials_snapshot
@@ -344,7 +345,7 @@ def _objective(
             mark_owner(trial, min_interval=BEAT_SECONDS)  # long trials stay visibly alive
 
         if staged is not None and not enqueued:  # baselines and retries are always scored in full
-            front = [(t.number, t.values) for t in trial.study.best_trials]
+            front = [(t.number, t.values) for t in front_trials(trial.study)]
             with interrupts.allowed():
                 return staged.score(engine, front, on_stage=beat)
         with interrupts.allowed():
