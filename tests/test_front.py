@@ -50,3 +50,17 @@ def test_the_front_is_read_without_copying_the_trials() -> None:
     study = _study(["maximize"] * 3, n=40, seed=0, levels=16)
     stored = {t.number: t for t in study.get_trials(deepcopy=False)}
     assert all(t is stored[t.number] for t in front_trials(study))
+
+
+def test_trials_that_break_their_constraints_are_not_on_the_front() -> None:
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    rng = random.Random(1)
+    for number in range(60):
+        trial = study.ask()
+        trial.set_constraint("budget", 1.0 if number % 3 == 0 else -1.0)  # every third one infeasible
+        x = rng.randrange(8)
+        study.tell(trial, [x, 7 - x])  # all on one trade-off line: every feasible trial is on the front
+    expected = [t.number for t in sorted(study.best_trials, key=lambda t: t.number)]
+    front = front_trials(study)
+    assert [t.number for t in front] == expected
+    assert front and all(t.number % 3 for t in front)

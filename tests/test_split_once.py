@@ -121,7 +121,8 @@ def test_outside_a_block_and_in_other_threads_every_split_is_computed(split_call
 
 
 def test_a_block_memoizes_only_equal_inputs(split_calls: list[int]) -> None:
-    """Within one block, a trial that finishes (its state changes) makes a different split."""
+    """Within one block, another worker's running trial that gains a parameter, or finishes,
+    makes a different split: the memo is exact even where the trials are read afresh."""
     study = _study(seed=0)
     for number in range(6):
         trial = study.ask(fixed_distributions={"x": optuna.distributions.FloatDistribution(0, 1)})
@@ -132,7 +133,11 @@ def test_a_block_memoizes_only_equal_inputs(split_calls: list[int]) -> None:
         first = tpe._split_trials(study, trials, 2)
         again = tpe._split_trials(study, trials, 2)
         assert len(split_calls) == 1 and first == again
+        running.suggest_float("x", 0, 1)  # the running trial gains a parameter: a new input
+        grown = tpe._split_trials(study, study.get_trials(deepcopy=False), 2)
+        assert len(split_calls) == 2
+        assert [t.params for t in grown[1] if t.number == running.number] == [running.params]
         study.tell(running, [5.0, 5.0, 5.0])  # the running trial finishes: a new input
         changed = tpe._split_trials(study, study.get_trials(deepcopy=False), 2)
-    assert len(split_calls) == 2
+    assert len(split_calls) == 3
     assert running.number in [t.number for t in changed[0]]  # now the best: below, not above

@@ -4,8 +4,9 @@ Optuna's ``study.best_trials`` deep-copies every trial of the study before it lo
 577 ms for a per-layer study of 1000 trials, against 13 ms here (``benchmarks/trial_overhead.py``,
 ``scaling``). The progress line, early rejection and ``mergeopt status`` ask for the front after
 every trial, so an overnight search slowed down as it went. :func:`front_trials` reads the
-trials without a copy (callers only read them) and finds the same set: the complete trials no
-other complete trial dominates, ties kept (tested against ``best_trials``).
+trials without a copy (callers only read them) and finds the same set: among the complete
+trials that meet their constraints (if a trial has any), those no other one dominates, ties kept
+(tested against ``best_trials``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def front_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = Non
     """
     if trials is None:
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    complete = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and all(c <= 0 for c in t.constraints.values())),
+        key=lambda t: t.number,
+    )
     if not complete:
         return []
     signs = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in study.directions])

@@ -70,9 +70,10 @@ def _install() -> bool:
             if memo is None:
                 return split(study, trials, n_below)
             # The split depends on the trials' values, constraints and intermediate values, all
-            # fixed once a trial has finished, and on which trials are still running: a trial is
-            # identified by its number and state. (Within a block the trials are one snapshot.)
-            key = (id(study), n_below, tuple((t.number, t.state) for t in trials))
+            # fixed once a trial has finished, and on which trials are still running, whose
+            # parameters (the Parzen estimators' input) only ever grow: a trial is identified by
+            # its number, state and number of parameters, exact even without a snapshot.
+            key = (id(study), n_below, tuple((t.number, t.state, len(t.params)) for t in trials))
             found = memo.get(key)
             if found is None:
                 found = memo[key] = split(study, trials, n_below)
