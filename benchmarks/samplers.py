@@ -68,6 +68,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
 from optimizer.engines.base import Engine  # noqa: E402
+from optimizer.search.front import nondominated  # noqa: E402
 from optimizer.search.gain import References, references  # noqa: E402
 from optimizer.search.prepare import Prepared, prepare  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
@@ -124,11 +125,7 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def _non_dominated(points: np.ndarray) -> np.ndarray:
     """Mask of the rows no other row dominates (all objectives maximized; equal rows are all kept)."""
-    keep = np.ones(len(points), dtype=bool)
-    for i, p in enumerate(points):
-        dominated_by = np.all(points >= p, axis=1) & np.any(points > p, axis=1)
-        keep[i] = not dominated_by.any()
-    return keep
+    return nondominated(-points)
 
 
 def _hypervolume(points: np.ndarray) -> float:

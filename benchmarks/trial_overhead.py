@@ -241,25 +241,6 @@ def _counting(read: Callable[..., list], calls: list[int]) -> Callable[..., list
     return counted
 
 
-def _count_write_transactions(engine: object) -> list[int]:
-    """A list that grows by one at each commit of ``engine`` (SQLAlchemy) that wrote something."""
-    from sqlalchemy import event
-
-    wrote: list[int] = []
-    writing = [False]
-
-    def statement(conn: object, cursor: object, text: str, *args: object) -> None:
-        writing[0] |= text.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
-
-    def commit(conn: object) -> None:
-        wrote.extend([1] if writing[0] else [])
-        writing[0] = False
-
-    event.listen(engine, "before_cursor_execute", statement)
-    event.listen(engine, "commit", commit)
-    return wrote
-
-
 def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
     """What the study loop costs per trial when merging and scoring cost nothing.
 
@@ -277,6 +258,7 @@ def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
     from optimizer.search.prepare import prepare
     from optimizer.search.study import open_study, run_trials
     from tests._engines import BlankEngine
+    from tests._sqlite_writes import count_write_transactions
 
     def without(name: str) -> contextlib.AbstractContextManager:
         return mock.patch(f"optimizer.search.study.{name}", lambda _study: contextlib.nullcontext())
@@ -302,7 +284,7 @@ def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
                     storage = study._storage
                     reads: list[int] = []
                     storage.get_all_trials = _counting(storage.get_all_trials, reads)
-                    writes = None if kind else _count_write_transactions(storage._backend.engine)
+                    writes = None if kind else count_write_transactions(storage._backend.engine)
                     with patched():
                         engine = BlankEngine(prepared.models)
                         t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from optimizer.search.storage import OWNER_ATTR, make_storage
 from tests._cli import run_cli, write_config, zoo_config, zoo_tasks
 from tests._engines import BlankEngine
 from tests._postgres import PostgresServer, postgres_server  # noqa: F401 (fixture)
+from tests._sqlite_writes import count_write_transactions
 
 pytestmark = pytest.mark.slow
 
@@ -437,8 +438,9 @@ def _per_layer_study(storage: str) -> tuple:
     from optimizer.search.prepare import prepare
     from optimizer.search.study import open_study
 
-    config = zoo_config("layer", limit=2, storage=storage, search={"baselines": False}, method="ties")
-    config["granularity"] = "layer"
+    config = zoo_config(
+        "layer", limit=2, storage=storage, search={"baselines": False}, method="ties", granularity="layer"
+    )
     prepared = prepare(config_from_dict(config))
     engine = BlankEngine()
     return prepared, open_study(prepared), EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
@@ -475,26 +477,13 @@ def test_a_per_layer_candidate_is_written_in_one_transaction_and_reads_back_whol
     """Optuna commits every ``suggest_*`` on its own: on SQLite a per-layer candidate cost dozens
     of fsyncs. The study loop writes a candidate's parameters, plan and owner in one transaction,
     and the study read back from the file holds every parameter of every trial, equal to its plan."""
-    from sqlalchemy import event
-
     from optimizer.search.study import run_trials
 
     url = f"sqlite:///{tmp_path / 'writes.db'}"
     prepared, study, supervisor = _per_layer_study(url)
     distributions = prepared.space.distributions()
     assert len(distributions) >= 24
-    wrote, writing = [], [False]
-    engine_ = study._storage._backend.engine
-
-    @event.listens_for(engine_, "before_cursor_execute")
-    def _statement(conn, cursor, statement, *args) -> None:
-        writing[0] |= statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
-
-    @event.listens_for(engine_, "commit")
-    def _commit(conn) -> None:
-        wrote.extend([1] if writing[0] else [])
-        writing[0] = False
-
+    wrote = count_write_transactions(study._storage._backend.engine)
     run_trials(prepared, study, supervisor, target=12)  # TPE's 10 random start-up trials, then TPE
     per_trial = len(wrote) / 12
     assert per_trial < 8, f"{per_trial:.0f} write transactions per trial for {len(distributions)} parameters"

@@ -15,17 +15,16 @@ import optuna
 # Optuna's exact WFG hypervolume. Private, but pinned by our optuna>=5,<6 requirement and the only
 # exact implementation at hand; the public plot_hypervolume_history draws without returning values.
 from optuna._hypervolume import compute_hypervolume
-from optuna.study import StudyDirection
 from optuna.trial import TrialState
+
+from optimizer.search.front import losses
 
 __all__ = ["hypervolume_history", "reference_point"]
 
 
 def _losses(study: optuna.Study) -> tuple[list[int], np.ndarray]:
     trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
-    signs = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in study.directions])
-    values = np.array([t.values for t in trials], dtype=float).reshape(len(trials), len(signs))
-    return [t.number for t in trials], values * signs
+    return [t.number for t in trials], losses(study, trials)
 
 
 def reference_point(losses: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["front_trials", "nondominated"]
+__all__ = ["front_trials", "losses", "nondominated"]
 
 
 def nondominated(values: np.ndarray) -> np.ndarray:
@@ -39,6 +39,12 @@ def nondominated(values: np.ndarray) -> np.ndarray:
     return on_front[inverse.reshape(-1)]
 
 
+def losses(study: optuna.Study, trials: Sequence[FrozenTrial]) -> np.ndarray:
+    """The trials' values as losses (Optuna's convention: maximized objectives negated), a row each."""
+    signs = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in study.directions])
+    return np.array([t.values for t in trials], dtype=float).reshape(len(trials), len(signs)) * signs
+
+
 def front_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[FrozenTrial]:
     """The complete trials on the study's Pareto front, by trial number (not copies: do not modify).
 
@@ -52,7 +58,5 @@ def front_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = Non
     )
     if not complete:
         return []
-    signs = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in study.directions])
-    values = np.array([t.values for t in complete], dtype=float) * signs
-    mask = nondominated(values)
+    mask = nondominated(losses(study, complete))
     return [t for t, keep in zip(complete, mask, strict=True) if keep]

@@ -40,7 +40,7 @@ _Split = tuple[list[FrozenTrial], list[FrozenTrial]]
 
 _active = threading.local()  # .memo: the current block's splits, absent outside a block
 _install_lock = threading.Lock()
-_installed: Callable[..., _Split] | None = None  # Optuna's own function, once wrapped
+_installed = False  # whether Optuna's split is wrapped (once per process)
 
 
 def _original() -> Callable[..., _Split] | None:
@@ -59,7 +59,7 @@ def _install() -> bool:
     """Put the memoizing wrapper in place of Optuna's split (once per process); False if unknown."""
     global _installed
     with _install_lock:
-        if _installed is not None:
+        if _installed:
             return True
         split = _original()
         if split is None:
@@ -81,7 +81,7 @@ def _install() -> bool:
             return list(below), list(above)  # fresh lists: a caller may reorder its own
 
         _tpe._split_trials = memoized  # type: ignore[union-attr]
-        _installed = split
+        _installed = True
         return True
 
 
