@@ -51,6 +51,7 @@ from optimizer.search.gain import references  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
 from optimizer.search.study import open_study, run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
+from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 from optimizer.zoo.tasks import get_task  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -134,6 +135,7 @@ def main() -> None:
     (ROOT / "studies").mkdir(exist_ok=True)
     result: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "zoo_version": ZOO_VERSION,
         "machine": f"{platform.node()} {platform.machine()}, CPU only",
         "config": {
             "setting": args.setting,

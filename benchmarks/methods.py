@@ -41,6 +41,7 @@ from optimizer.search.baselines import baseline_plans  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
 from optimizer.search.study import make_sampler, run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
+from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / ".work" / "methods"
@@ -180,6 +181,7 @@ def main() -> None:
     engine.close()
     out = {
         "date": time.strftime("%Y-%m-%d"),
+        "zoo_version": ZOO_VERSION,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
         "engine": args.engine,
         "trials": args.trials,

@@ -43,6 +43,7 @@ from optimizer.report.rows import collect_rows  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
 from optimizer.search.study import open_study, run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
+from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET = 0.9
@@ -83,6 +84,7 @@ def main() -> None:
     baselines = [row(r) for r in rows if r.label]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "zoo_version": ZOO_VERSION,
         "machine": f"{platform.node()} {platform.machine()}, CPU only, vLLM engine",
         "config": {**vars(args), "parameters": len(prepared.space.distributions())},
         "wall_s": round(time.perf_counter() - t0, 1),

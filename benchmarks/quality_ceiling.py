@@ -40,12 +40,12 @@ from samplers import _clean, _config  # noqa: E402
 from objectives.tasks import score_tasks  # noqa: E402
 from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
-from optimizer.merge import task_vectors  # noqa: E402
-from optimizer.models import load_state_dict  # noqa: E402
 from optimizer.search.baselines import baseline_plans  # noqa: E402
 from optimizer.search.gain import normalized_gain  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
+from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
+from optimizer.zoo.stats import task_vector_stats  # noqa: E402
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
     if args.zoo_stats:
         stats = task_vector_stats(zoo, list(info["specialists"]))
         stored = json.loads(path.read_text()) if path.exists() else {}
-        stored["zoo_task_vectors"] = {"date": time.strftime("%Y-%m-%d %H:%M"), **stats}
+        stored["zoo_task_vectors"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "zoo_version": ZOO_VERSION, **stats}
         path.write_text(json.dumps(stored, indent=2) + "\n")
         print(json.dumps(stats, indent=2))
         return
@@ -100,6 +100,7 @@ def main() -> None:
             best = study.best_trial
             result = {
                 "date": time.strftime("%Y-%m-%d %H:%M"),
+                "zoo_version": ZOO_VERSION,
                 "machine": f"{platform.node()} {platform.machine()}, {_device()}, vLLM engine",
                 "config": {**vars(args), "parameters": len(prepared.space.distributions())},
                 "wall_s": round(time.perf_counter() - t0, 1),
@@ -112,30 +113,6 @@ def main() -> None:
     finally:
         engine.close()
     print(f"best worst-task gain {best.value:.3f} {best.user_attrs['gain']}; wrote {path}")
-
-
-def task_vector_stats(zoo: Path, tasks: list[str]) -> dict:
-    """How large the zoo's task vectors are and how much they point the same way.
-
-    ‖τₘ‖ / ‖θ₀‖ over all weights and for the LM head alone, and the cosine between every two
-    task vectors over all weights: large, aligned task vectors collide when added.
-    """
-    base = load_state_dict(zoo / "base", torch.float32)
-    deltas = task_vectors(base, [load_state_dict(zoo / "specialists" / t, torch.float32) for t in tasks])
-    taus = {t: {k: d[i] for k, d in deltas.items()} for i, t in enumerate(tasks)}
-    norm_base = math.sqrt(sum(float(v.square().sum()) for v in base.values()))
-    sq = {t: sum(float(v.square().sum()) for v in tau.values()) for t, tau in taus.items()}
-    head = next(k for k in base if k.startswith("lm_head"))
-    cosine = {}
-    for i, a in enumerate(tasks):
-        for b in tasks[i + 1 :]:
-            dot = sum(float((taus[a][k] * taus[b][k]).sum()) for k in base)
-            cosine[f"{a}-{b}"] = round(dot / math.sqrt(sq[a] * sq[b]), 3)
-    return {
-        "relative_norm": {t: round(math.sqrt(sq[t]) / norm_base, 4) for t in tasks},
-        "relative_norm_lm_head": {t: round(float(taus[t][head].norm() / base[head].norm()), 4) for t in tasks},
-        "cosine": cosine,
-    }
 
 
 def _device() -> str:

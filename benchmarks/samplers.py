@@ -72,6 +72,7 @@ from optimizer.search.front import nondominated  # noqa: E402
 from optimizer.search.gain import References, references  # noqa: E402
 from optimizer.search.prepare import Prepared, prepare  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
+from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("rev", "sort", "rot")
@@ -420,6 +421,7 @@ def main() -> None:
 
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
+        "zoo_version": ZOO_VERSION,
         "machine": {"node": platform.node(), "cores": os.cpu_count(), "accelerator": "CPU only"},
         "engine": "vllm",
         "engine_start_s": round(start_s, 1),

@@ -51,6 +51,18 @@ def test_zoo_is_a_merge_problem(zoo: dict[str, Any]) -> None:
     assert all(set(row) == set(TASKS) for row in scores["specialists"].values())
 
 
+def test_specialists_sharpen_the_base_with_small_nearly_orthogonal_task_vectors(zoo: dict[str, Any]) -> None:
+    # What makes the zoo a model of real fine-tunes rather than of retraining: a specialist moves
+    # the weights a few percent and the three moves barely overlap. Version 2's did neither.
+    from optimizer.zoo.stats import task_vector_stats
+
+    stats = task_vector_stats(zoo["root"], list(TASKS))
+    assert stats == zoo["task_vectors"]  # zoo.json tells the truth about the saved weights
+    assert all(0.005 < r < 0.05 for r in stats["relative_norm"].values())
+    assert all(abs(c) < 0.4 for c in stats["cosine"].values())
+    assert all(zoo["scores"]["base"][t] >= 0.3 for t in TASKS)  # the base has each skill in part
+
+
 def test_scores_are_reproduced_from_the_saved_models(zoo: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

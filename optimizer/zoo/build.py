@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizer.errors import DataError, MergeoptError
+from optimizer.zoo.stats import task_vector_stats
 from optimizer.zoo.tasks import STOP, TASK_NAMES, TASKS, Example
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["MIN_SPECIALIST_GAIN", "MIN_TA_LOSS", "ZOO_VERSION", "build_zoo", "default_zoo_dir", "load_zoo"]
 
 #: Bumped whenever a change to tasks, tokenizer, model or training changes the built zoo.
-ZOO_VERSION = 2
+ZOO_VERSION = 3
 #: Held-out exact match each specialist must gain over the base on its own task.
 MIN_SPECIALIST_GAIN = 0.20
 #: Held-out exact match task arithmetic (λ = 1) must lose against the specialist on some task.
@@ -281,6 +282,7 @@ def _train_and_measure(tmp: Path, *, seed: int, recipe: Recipe, say: Callable[[s
             "specialist_gain": {t: round(g, 4) for t, g in gain.items()},
             "task_arithmetic_loss": {t: round(x, 4) for t, x in loss.items()},
         },
+        "task_vectors": task_vector_stats(tmp, TASK_NAMES),
         "training": training,
         "recipe": recipe.to_dict(),
     }
