@@ -15,7 +15,8 @@ Settings (``--setting``):
     .venv/bin/python benchmarks/quality.py [--setting demo|layer] [--trials 120] [--method ties]
 
 Each setting's result is stored under ``<setting>/<method>`` in ``results/quality.json``
-(``<method>-<trials>trials-<limit>examples`` when those differ from the defaults).
+(``<method>-<trials>trials-<limit>examples`` when those differ from the defaults, ``-seed<N>`` for
+another seed).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def main() -> None:
     key = args.method
     if (args.trials, args.limit) != (parser.get_default("trials"), parser.get_default("limit")):
         key += f"-{args.trials}trials-{args.limit}examples"  # a longer or finer study beside the default one
+    if args.seed != parser.get_default("seed"):
+        key += f"-seed{args.seed}"  # another seed of the same study, to see the spread
     stored.setdefault(args.setting, {})[key] = _clean(result)
     path.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"{'member':28s} " + " ".join(f"{t:>14s}" for t in tasks))
