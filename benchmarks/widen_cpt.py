@@ -5,9 +5,10 @@ magnitude: a short fine-tune (small delta) and a long continued pre-training (la
 Task arithmetic adds both at one scale, so the large delta swamps the small one. This benchmark
 builds that pair from the zoo:
 
-- ``rev``: the zoo's rev specialist (100 steps at lr 3e-4 from the base: a small delta);
-- ``cpt``: the base continually pre-trained on a sort + rot mixture (``--steps`` steps at the
-  pre-training rate, 1e-3: a large delta), cached under ``benchmarks/.work/widen_cpt``;
+- ``rev``: the zoo's rev specialist (100 steps at lr 1.5e-4 from the base: a small delta);
+- ``cpt``: the base continually pre-trained on a sort + rot mixture (``--steps`` steps at
+  ``--lr`` 1e-3, a third of the zoo's pre-training rate: a large delta), cached under
+  ``benchmarks/.work/widen_cpt`` per zoo version;
 
 and scores, on held-out data (transformers engine), task arithmetic at λ = 1, task arithmetic with
 (λ_rev, λ_cpt) chosen on the search split from a grid, the plain average, and WIDEN at its
@@ -39,6 +40,7 @@ from optimizer.engines.hf_engine import HFEngine  # noqa: E402
 from optimizer.merge import MergePlan, ModelParams  # noqa: E402
 from optimizer.models import load_state_dict  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
+from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / ".work" / "widen_cpt"
@@ -53,7 +55,8 @@ def continually_pretrain(zoo: Path, out: Path, *, steps: int, lr: float, seed: i
     from optimizer.zoo.tasks import TASKS as GENERATORS
 
     marker = out / "cpt.json"
-    if marker.is_file() and json.loads(marker.read_text()) == {"steps": steps, "lr": lr, "seed": seed}:
+    key = {"steps": steps, "lr": lr, "seed": seed, "zoo_version": ZOO_VERSION}  # a new zoo, a new base
+    if marker.is_file() and json.loads(marker.read_text()) == key:
         return out
     torch.manual_seed(seed)
     torch.set_num_threads(1)
@@ -74,7 +77,7 @@ def continually_pretrain(zoo: Path, out: Path, *, steps: int, lr: float, seed: i
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    marker.write_text(json.dumps({"steps": steps, "lr": lr, "seed": seed}))
+    marker.write_text(json.dumps(key))
     return out
 
 
@@ -152,6 +155,7 @@ def main() -> None:
         print(f"{label:40s} " + "  ".join(f"{t} {r['held_out'][t]:.3f}" for t in TASKS), flush=True)
     out = {
         "date": time.strftime("%Y-%m-%d"),
+        "zoo_version": ZOO_VERSION,
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only",
         "engine": "hf",
         "cpt": {"steps": args.steps, "lr": args.lr, "train_s": round(train_s, 1)},

@@ -57,7 +57,9 @@ def test_specialists_sharpen_the_base_with_small_nearly_orthogonal_task_vectors(
     from optimizer.zoo.stats import task_vector_stats
 
     stats = task_vector_stats(zoo["root"], list(TASKS))
-    assert stats == zoo["task_vectors"]  # zoo.json tells the truth about the saved weights
+    # zoo.json tells the truth about the saved weights (up to float32 sums in another thread count)
+    for name, values in stats.items():
+        assert values == pytest.approx(zoo["task_vectors"][name], abs=1e-3)
     assert all(0.005 < r < 0.05 for r in stats["relative_norm"].values())
     assert all(abs(c) < 0.4 for c in stats["cosine"].values())
     assert all(zoo["scores"]["base"][t] >= 0.3 for t in TASKS)  # the base has each skill in part

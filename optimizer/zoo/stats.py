@@ -18,9 +18,10 @@ __all__ = ["task_vector_stats"]
 def task_vector_stats(zoo: Path | str, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
     """‖τₘ‖ / ‖θ₀‖ over all weights and for the LM head, and the cosine of every two τₘ.
 
-    ``zoo`` is a zoo directory with ``base/`` and ``specialists/<task>/``.
+    ``zoo`` is a zoo directory with ``base/`` and ``specialists/<task>/``. The LM head's figure is
+    left out for a model whose head is tied to its embeddings (it has no head tensor of its own).
     """
-    import torch
+    import torch  # here, not at module level: importing the zoo's build must not load torch
 
     from optimizer.merge import task_vectors
     from optimizer.models import load_state_dict
@@ -31,14 +32,15 @@ def task_vector_stats(zoo: Path | str, tasks: Sequence[str]) -> dict[str, dict[s
     taus = {t: {k: d[i] for k, d in deltas.items()} for i, t in enumerate(tasks)}
     norm_base = math.sqrt(sum(float(v.square().sum()) for v in base.values()))
     sq = {t: sum(float(v.square().sum()) for v in tau.values()) for t, tau in taus.items()}
-    head = next(k for k in base if k.startswith("lm_head"))
-    cosine = {}
+    cosine: dict[str, float] = {}
     for i, a in enumerate(tasks):
         for b in tasks[i + 1 :]:
             dot = sum(float((taus[a][k] * taus[b][k]).sum()) for k in base)
-            cosine[f"{a}-{b}"] = round(dot / math.sqrt(sq[a] * sq[b]), 3)
-    return {
-        "relative_norm": {t: round(math.sqrt(sq[t]) / norm_base, 4) for t in tasks},
-        "relative_norm_lm_head": {t: round(float(taus[t][head].norm() / base[head].norm()), 4) for t in tasks},
-        "cosine": cosine,
-    }
+            # A specialist identical to the base has no direction: its cosine is undefined (NaN).
+            cosine[f"{a}-{b}"] = round(dot / math.sqrt(sq[a] * sq[b]), 3) if sq[a] * sq[b] > 0 else math.nan
+    stats = {"relative_norm": {t: round(math.sqrt(sq[t]) / norm_base, 4) for t in tasks}}
+    head = next((k for k in base if k.startswith("lm_head")), None)  # None with tied embeddings
+    if head is not None:
+        stats["relative_norm_lm_head"] = {t: round(float(taus[t][head].norm() / base[head].norm()), 4) for t in tasks}
+    stats["cosine"] = cosine
+    return stats
