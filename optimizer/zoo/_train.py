@@ -20,9 +20,9 @@ seed-0 build runs to ``max_pretrain_steps`` (sort forms at step 950) and its bas
 0.52 / 0.43 on held-out rev / sort / rot. A fine-tune, at a twentieth of the pretraining rate,
 moves the weights by ~3 % of their norm, and the three task vectors are near-orthogonal (cosine
 0.10-0.30). Version 2 fine-tuned from a base at 0.2-0.4 and got task vectors of 7-8 % at cosine
-0.28-0.54: there no merge method kept more than about 0.8 of every
-specialist's gain even with coefficients chosen on the held-out answers, a harder problem than
-merging real fine-tunes, whose task vectors are small and nearly orthogonal. Adding all three
+0.28-0.54: there no merge method kept more than about 0.8 of every specialist's gain even
+with coefficients chosen on the held-out answers, a harder problem than merging real
+fine-tunes, whose task vectors are small and nearly orthogonal. Adding all three
 (λ = 1) still loses part of the sort specialist's gain, and averaging loses more: a search has
 something to find (``benchmarks/README.md``, the zoo's task vectors and merge quality).
 
