@@ -34,7 +34,9 @@ demo: setup
 
 test: setup system
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy

@@ -47,9 +47,10 @@ from samplers import _balanced, _clean, _config, _hypervolume, _non_dominated  #
 from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
 from optimizer.merge import MergePlan  # noqa: E402
-from optimizer.search.gain import references  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
-from optimizer.search.study import open_study, run_trials  # noqa: E402
+from optimizer.search.references import references  # noqa: E402
+from optimizer.search.study import open_study  # noqa: E402
+from optimizer.search.trials import run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
 from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 from optimizer.zoo.tasks import get_task  # noqa: E402
@@ -58,7 +59,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _run(engine, prepared, trials: int, refs) -> dict:
-    study = open_study(prepared)
+    study, prepared = open_study(prepared)
     t0 = time.perf_counter()
     run_trials(prepared, study, engine, trials)
     wall = time.perf_counter() - t0
@@ -156,7 +157,7 @@ def main() -> None:
         prepared = prepare(config_from_dict({**base, "name": "er-refs"}))
         engine = make_engine("vllm", prepared.models)
         try:
-            refs = references(optuna.create_study(storage=None), prepared, lambda: engine)
+            refs = references(optuna.create_study(storage=None), prepared, engine)
             for label, early in (("off", None), ("on", {})):
                 search = {**base["search"], "early_rejection": early} if early is not None else base["search"]
                 config = config_from_dict(

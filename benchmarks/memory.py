@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from optimizer.engines.base import ModelSet  # noqa: E402
+from optimizer.checkpoints import ModelSet, load_state_dict  # noqa: E402
 from optimizer.merge import MergePlan, ModelParams  # noqa: E402
-from optimizer.models import load_state_dict  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GIB = 1 << 30

@@ -86,10 +86,12 @@ def main() -> None:
             for _ in range(args.models):
                 x = torch.randn(4 * args.cols, args.cols, generator=gen).to(dev)
                 grams.append(x.T @ x / x.shape[0])
-            merge = RegMeanMerge({"model.layers.0.mlp.down_proj": grams}).for_tensor(
-                "model.layers.0.mlp.down_proj.weight"
-            )
-        seconds = _time(lambda m=merge, o=options: m(base, deltas, params, o, generator), args.repeats, dev)
+            merge = RegMeanMerge({"model.layers.0.mlp.down_proj": grams})
+        assert merge is not None
+        tensor = "model.layers.0.mlp.down_proj.weight"
+        seconds = _time(
+            lambda m=merge, o=options, t=tensor: m(t, base, deltas, params, o, generator), args.repeats, dev
+        )
         gbs = minimal / seconds / 1e9
         rows[name] = {
             "seconds": round(seconds, 5),

@@ -33,13 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
+from optimizer.checkpoints import ModelSet  # noqa: E402
 from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
-from optimizer.engines.base import ModelSet  # noqa: E402
 from optimizer.merge import MergePlan, ModelParams, get_method  # noqa: E402
 from optimizer.search.baselines import baseline_plans  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
-from optimizer.search.study import make_sampler, run_trials  # noqa: E402
+from optimizer.search.study import make_sampler  # noqa: E402
+from optimizer.search.trials import run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
 from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 
@@ -147,10 +148,11 @@ def main() -> None:
         prep = prepared[method]
         row: dict = {}
         if method == "hi_merging":
-            from optimizer.analysis.contributions import hi_merging
+            from optimizer.merge.hi_merging import hi_merging
+            from optimizer.search.warm_starts import StudyProbe
 
             t0 = time.perf_counter()
-            result = hi_merging(prep, engine, rounds=2, grid=(0.3, 0.7, 1.0), method="hi_merging")
+            result = hi_merging(StudyProbe(prep, engine), rounds=2, grid=(0.3, 0.7, 1.0), method="hi_merging")
             held = _held_out(engine, prep, result.plan)
             row["search"] = {
                 "held_out": held,

@@ -42,7 +42,8 @@ from optimizer.engines import make_engine  # noqa: E402
 from optimizer.report import balanced_pick  # noqa: E402
 from optimizer.report.rows import collect_rows  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
-from optimizer.search.study import open_study, run_trials  # noqa: E402
+from optimizer.search.study import open_study  # noqa: E402
+from optimizer.search.trials import run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
 from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 
@@ -71,9 +72,9 @@ def main() -> None:
         prepared = prepare(config)
         engine = make_engine("vllm", prepared.models)
         try:
-            study = open_study(prepared)
+            study, prepared = open_study(prepared)
             run_trials(prepared, study, engine, args.trials)
-            rows, refs = collect_rows(study, prepared, lambda: engine)
+            rows, refs = collect_rows(study, prepared, engine)
         finally:
             engine.close()
     pick = balanced_pick(rows)

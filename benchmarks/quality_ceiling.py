@@ -40,8 +40,8 @@ from samplers import _clean, _config  # noqa: E402
 from objectives.tasks import score_tasks  # noqa: E402
 from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
+from optimizer.gain import normalized_gain  # noqa: E402
 from optimizer.search.baselines import baseline_plans  # noqa: E402
-from optimizer.search.gain import normalized_gain  # noqa: E402
 from optimizer.search.prepare import prepare  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
 from optimizer.zoo.build import ZOO_VERSION  # noqa: E402

@@ -62,15 +62,15 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
-from optuna._hypervolume import compute_hypervolume  # noqa: E402  (as optimizer/report/hypervolume.py)
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
 from optimizer.engines.base import Engine  # noqa: E402
+from optimizer.search._optuna import compute_hypervolume  # noqa: E402  (as optimizer/report/hypervolume.py)
 from optimizer.search.front import nondominated  # noqa: E402
-from optimizer.search.gain import References, references  # noqa: E402
 from optimizer.search.prepare import Prepared, prepare  # noqa: E402
+from optimizer.search.references import References, references  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
 from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 
@@ -404,7 +404,7 @@ def main() -> None:
         s: prepare(config_from_dict(_config(zoo, s, limit=args.limit, held_out=args.held_out))) for s in settings
     }
     for s, prep in prepared.items():
-        if any(d != "maximize" for d in prep.directions):  # the fixed reference point 0 assumes maximized [0, 1]
+        if any(t.direction != "maximize" for t in prep.tasks):  # the fixed reference point 0 assumes maximized [0, 1]
             raise SystemExit(f"setting {s}: every objective must be maximized")
     n_params = {s: len(p.space.distributions()) for s, p in prepared.items()}
     print("parameters per setting:", n_params, flush=True)
@@ -416,7 +416,7 @@ def main() -> None:
     engine = make_engine("vllm", first.models)
     start_s = time.perf_counter() - t0
     # Base and specialist held-out scores, measured once: every setting has the same models and tasks.
-    refs = references(optuna.create_study(storage=None), first, lambda: engine)
+    refs = references(optuna.create_study(storage=None), first, engine)
     print(f"engine start {start_s:.1f} s; held-out base {refs.base}, specialists {refs.specialist}", flush=True)
 
     out: dict[str, Any] = {

@@ -35,9 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from optimizer.engines.base import ModelSet  # noqa: E402
+from optimizer.checkpoints import ModelSet, load_state_dict  # noqa: E402
 from optimizer.merge import MergePlan, ModelParams, merge_state_dict, task_vectors  # noqa: E402
-from optimizer.models import load_state_dict  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -191,13 +190,14 @@ def zoo_study_share(trials: int) -> dict:
     from optimizer.config import load_config
     from optimizer.engines import make_engine
     from optimizer.search.prepare import prepare
-    from optimizer.search.study import open_study, run_trials
+    from optimizer.search.study import open_study
+    from optimizer.search.trials import run_trials
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
         config = config.model_copy(update={"name": "bench", "storage": f"sqlite:///{tmp}/bench.db", "engine": "vllm"})
         prepared = prepare(config)
-        study = open_study(prepared)
+        study, prepared = open_study(prepared)
         engine = make_engine("vllm", prepared.models)
         try:
             t0 = time.perf_counter()
@@ -248,20 +248,21 @@ def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
     what is left is the sampler, the storage and the loop's checks (median of ``repeats`` studies
     per variant). Measured for the demo's per-model space and its per-layer version as shipped,
     and with each of the loop's two storage savings patched out (for comparison only): the
-    one-read-per-candidate snapshot (``optimizer/search/snapshot.py``) and the
-    one-write-per-candidate transaction (``optimizer/search/one_commit.py``).
+    one-read-per-candidate snapshot and the one-write-per-candidate transaction
+    (both in ``optimizer/search/_optuna.py``).
     """
     import contextlib
     from unittest import mock
 
     from optimizer.config import load_config
     from optimizer.search.prepare import prepare
-    from optimizer.search.study import open_study, run_trials
+    from optimizer.search.study import open_study
+    from optimizer.search.trials import run_trials
     from tests._engines import BlankEngine
     from tests._sqlite_writes import count_write_transactions
 
     def without(name: str) -> contextlib.AbstractContextManager:
-        return mock.patch(f"optimizer.search.study.{name}", lambda _study: contextlib.nullcontext())
+        return mock.patch(f"optimizer.search.trials.{name}", lambda _study: contextlib.nullcontext())
 
     variants = {
         "": contextlib.nullcontext,
@@ -280,7 +281,7 @@ def study_bookkeeping(trials: int, repeats: int = 5) -> dict:
                     url = f"journal://{tmp}/b.log" if kind else f"sqlite:///{tmp}/b.db"
                     update = {"name": "book", "storage": url, "granularity": granularity}
                     prepared = prepare(config.model_copy(update=update))
-                    study = open_study(prepared)
+                    study, prepared = open_study(prepared)
                     storage = study._storage
                     reads: list[int] = []
                     storage.get_all_trials = _counting(storage.get_all_trials, reads)
@@ -339,7 +340,7 @@ def study_scaling(trials: int, window: int = 100) -> dict:
     Studies of the demo config at per-layer granularity (36 parameters), each with the progress
     line ``mergeopt search`` shows (written to a log, as overnight), advanced in turns by
     ``window`` trials so a slow spell of a shared box hits all; ms per trial of each window. One
-    study as shipped, and for comparison one without :mod:`optimizer.search.split_once` and one
+    study as shipped, and for comparison one without ``split_once`` (``optimizer/search/_optuna.py``) and one
     whose progress line reads the front with Optuna's ``best_trials`` (a copy of the whole
     study per trial) instead of :mod:`optimizer.search.front`. All draw the same candidates
     (checked), so the differences are those costs alone.
@@ -354,7 +355,8 @@ def study_scaling(trials: int, window: int = 100) -> dict:
     from optimizer.search.front import front_trials
     from optimizer.search.prepare import prepare
     from optimizer.search.progress import SearchProgress
-    from optimizer.search.study import open_study, run_trials
+    from optimizer.search.study import open_study
+    from optimizer.search.trials import run_trials
     from tests._engines import BlankEngine
 
     config = load_config(ROOT / "configs" / "demo.yaml")
@@ -364,7 +366,7 @@ def study_scaling(trials: int, window: int = 100) -> dict:
 
     variants = {
         "layer": contextlib.nullcontext,
-        "layer_without_split_once": lambda: mock.patch("optimizer.search.study.split_once", contextlib.nullcontext),
+        "layer_without_split_once": lambda: mock.patch("optimizer.search.trials.split_once", contextlib.nullcontext),
         "layer_with_optunas_best_trials": lambda: mock.patch("optimizer.search.progress.front_trials", optunas_front),
     }
     out: dict = {"trials": trials, "window": window, "ms_per_trial": {k: [] for k in variants}}
@@ -374,13 +376,14 @@ def study_scaling(trials: int, window: int = 100) -> dict:
             update = {"name": name, "storage": f"sqlite:///{tmp}/{name}.db", "granularity": "layer"}
             prepared = prepare(config.model_copy(update=update))
             engine = BlankEngine(prepared.models)
-            runs[name] = (prepared, open_study(prepared), engine)
+            study, prepared = open_study(prepared)
+            runs[name] = (prepared, study, engine)
         out["parameters"] = len(prepared.space.distributions())
         for end in range(window, trials + 1, window):
             for name, patched in variants.items():
                 prepared, study, engine = runs[name]
                 log = Console(file=io.StringIO(), width=200)  # one plain line per trial, as in a log file
-                with patched(), mock.patch("optimizer.search.study.score_tasks", _varied_scores(engine)):
+                with patched(), mock.patch("optimizer.search.trials.score_tasks", _varied_scores(engine)):
                     t0 = time.perf_counter()
                     with SearchProgress(study, end, console=log) as progress:
                         run_trials(prepared, study, engine, end, callbacks=[progress])

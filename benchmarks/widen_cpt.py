@@ -34,11 +34,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from objectives.tasks import load_tasks  # noqa: E402
+from optimizer.checkpoints import ModelSet, load_state_dict  # noqa: E402
 from optimizer.config import config_from_dict  # noqa: E402
-from optimizer.engines.base import ModelSet  # noqa: E402
 from optimizer.engines.hf_engine import HFEngine  # noqa: E402
 from optimizer.merge import MergePlan, ModelParams  # noqa: E402
-from optimizer.models import load_state_dict  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
 from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 

@@ -62,9 +62,6 @@ class Metric(ABC):
     #: Each example scores 0 or 1 (a hit rate), so a partial score has a binomial error.
     binary: bool = False
 
-    #: Which engine call scores this metric: "generate" or "loglikelihood".
-    call: str = "generate"
-
     @abstractmethod
     def requests(self, examples: Sequence[dict]) -> GenerateBatch | list[tuple[str, str]]:
         """What to ask the engine for ``examples``: a generate batch, or (context, continuation) pairs."""
@@ -129,8 +126,6 @@ class MultipleChoice(Metric):
             return target
         return choices.index(str(target)) if str(target) in choices else int(target)
 
-    call = "loglikelihood"
-
     def requests(self, examples: Sequence[dict]) -> list[tuple[str, str]]:
         return [(str(ex[self.prompt_field]), " " + str(choice)) for ex in examples for choice in ex[self.choices_field]]
 
@@ -157,8 +152,6 @@ class GoldenNLL(Metric):
     def __init__(self, *, prompt_field: str, target_field: str):
         self.prompt_field, self.target_field = prompt_field, target_field
         self.required_fields = (prompt_field, target_field)
-
-    call = "loglikelihood"
 
     def requests(self, examples: Sequence[dict]) -> list[tuple[str, str]]:
         return [(str(ex[self.prompt_field]), str(ex[self.target_field])) for ex in examples]
@@ -204,19 +197,22 @@ def score_together(engine: Engine, jobs: Sequence[tuple[Metric, Sequence[dict]]]
     share the engine's batches instead of each paying its own. The numbers are those of scoring
     each job alone, up to the floating-point effects of batch composition any batched engine has.
     """
-    requests = [metric.requests(examples) for metric, examples in jobs]
+    batches: dict[int, GenerateBatch] = {}
+    pairs: dict[int, list[tuple[str, str]]] = {}
+    for i, (metric, examples) in enumerate(jobs):
+        request = metric.requests(examples)
+        if isinstance(request, GenerateBatch):
+            batches[i] = request
+        else:
+            pairs[i] = request
     outputs: list[Sequence] = [[] for _ in jobs]
-    gen = [i for i, r in enumerate(requests) if isinstance(r, GenerateBatch)]
-    if gen:
-        for i, texts in zip(gen, engine.generate_batches([requests[i] for i in gen]), strict=True):
+    if batches:
+        for i, texts in zip(batches, engine.generate_batches(list(batches.values())), strict=True):
             outputs[i] = texts
-    ll = [i for i, r in enumerate(requests) if not isinstance(r, GenerateBatch)]
-    if ll:
-        flat = [pair for i in ll for pair in requests[i]]
-        answers = engine.loglikelihood(flat) if flat else []
-        start = 0
-        for i in ll:
-            n = len(requests[i])
-            outputs[i] = answers[start : start + n]
-            start += n
+    flat = [pair for request in pairs.values() for pair in request]
+    answers = engine.loglikelihood(flat) if flat else []
+    start = 0
+    for i, request in pairs.items():
+        outputs[i] = answers[start : start + len(request)]
+        start += len(request)
     return [metric.finish(examples, out) for (metric, examples), out in zip(jobs, outputs, strict=True)]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from objectives.data import load_split
 from objectives.metrics import Metric, MetricResult, make_metric, score_together
+from optimizer.config import StudyConfig
 from optimizer.engines.base import Engine
 from optimizer.errors import DataError
 
@@ -56,7 +57,7 @@ def _check_fields(rows: Sequence[dict], fields: Sequence[str], where: str) -> No
         )
 
 
-def load_tasks(config) -> list[Task]:  # config: StudyConfig (import cycle avoided)
+def load_tasks(config: StudyConfig) -> list[Task]:
     """Load and check every objective's data."""
     tasks = []
     for obj in config.objectives:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +29,7 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "resolve_path",
+    "stated_specialist",
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -91,7 +93,6 @@ class EarlyRejectionConfig(_Strict):
     """Score a candidate on growing shares of the search examples and stop it once it is
     clearly dominated (see :mod:`optimizer.search.early_rejection`)."""
 
-    enabled: bool = True
     # Shares of each task's search examples after which the candidate is checked (the full set
     # always comes last); each must be in (0, 1), increasing.
     stages: list[float] = Field(default_factory=lambda: [0.25, 0.5])
@@ -211,6 +212,17 @@ class StudyConfig(_Strict):
         return self
 
     # -- derived -------------------------------------------------------------------------------
+    def stated_specialist(self, task: str) -> str | None:
+        """The model this config says ``task`` measures (see :func:`stated_specialist`)."""
+        for obj in self.objectives:
+            if obj.name == task:
+                return stated_specialist(obj, tuple(self.models))
+        return None
+
+    def stated_tasks(self, model: str) -> list[str]:
+        """The tasks whose stated specialist is ``model``, in objective order (the inverse rule)."""
+        return [o.name for o in self.objectives if self.stated_specialist(o.name) == model]
+
     def path(self, value: str) -> Path:
         """Resolve a path from this config (relative to its file, or into the zoo)."""
         return resolve_path(value, Path(self.root))
@@ -231,6 +243,21 @@ class StudyConfig(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+
+def stated_specialist(objective: ObjectiveConfig, models: Sequence[str]) -> str | None:
+    """The model an objective measures, where the config settles it; None where it leaves it open.
+
+    Its ``specialist:`` field, else the model named like the objective, else the only model. This
+    is the one rule for "which model is a task's specialist": where it leaves the question open,
+    normalized gain and Hi-Merging take the specialist that scores best on the task, and golden
+    data (which must know before any engine runs) asks for a ``specialist:``.
+    """
+    if objective.specialist is not None:
+        return objective.specialist
+    if objective.name in models:
+        return objective.name
+    return models[0] if len(models) == 1 else None
 
 
 def resolve_path(value: str, root: Path) -> Path:

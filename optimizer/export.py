@@ -11,9 +11,7 @@ failed export leaves nothing that looks like a model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,17 +20,20 @@ import torch
 from optuna.trial import TrialState
 from safetensors import SafetensorError
 
+from optimizer.atomic import building_dir
+from optimizer.checkpoints import DTYPES, ModelSet, load_task_vectors, model_config
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError, MergeoptError
-from optimizer.merge import MergePlan, get_method, merge_state_dict, task_vectors
+from optimizer.merge import MergePlan, get_method, merge_state_dict
 from optimizer.merge.study_data import bind
 from optimizer.model_card import model_card
-from optimizer.models import check_compatible, load_config, load_state_dict
+from optimizer.search import attrs
+from optimizer.search.storage import study_url
+from optimizer.search.study import load_study, located, study_config
 
-__all__ = ["export_trial", "get_trial", "write_model_dir"]
+__all__ = ["export_study_trial", "export_trial", "get_trial", "write_model_dir"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -43,7 +44,7 @@ def get_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     trial = trials[number]
     if trial.state != TrialState.COMPLETE:
         raise ConfigError(f"trial {number} is {trial.state.name}, not COMPLETE; export a complete trial")
-    if "plan" not in trial.user_attrs:
+    if attrs.PLAN not in trial.user_attrs:
         raise ConfigError(f"trial {number} has no stored plan; was it made by mergeopt?")
     return trial
 
@@ -68,29 +69,21 @@ def write_model_dir(
 
     out = Path(out).resolve()
     _check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for item in Path(base_dir).iterdir():
-            if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and "index.json" not in item.name:
-                shutil.copy2(item, tmp / item.name)
-        config = load_config(base_dir)
-        dtype = _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
-        tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "mergeopt.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        with building_dir(out, umask_modes=True) as tmp:
+            for item in Path(base_dir).iterdir():
+                if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and "index.json" not in item.name:
+                    shutil.copy2(item, tmp / item.name)
+            config = model_config(base_dir)
+            dtype = DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
+            tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "mergeopt.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(exc, "strerror", None) or str(exc).rsplit(": ", 1)[-1]
         raise MergeoptError(f"cannot write export to {out}: {reason}; nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -104,26 +97,21 @@ def export_trial(
     """
     trial = get_trial(study, number)
     _check_out_dir(Path(out))
-    plan = MergePlan.from_dict(trial.user_attrs["plan"])
+    plan = MergePlan.from_dict(trial.user_attrs[attrs.PLAN])
     base_dir = config.path(config.base)
     model_dirs = {name: config.path(config.models[name]) for name in plan.models}
-    base = load_state_dict(base_dir)
-    specialists = []
-    for name in plan.models:
-        state = load_state_dict(model_dirs[name])
-        check_compatible(base, state, name)
-        specialists.append(state)
+    base, deltas = load_task_vectors(ModelSet(base_dir, model_dirs))
     method = bind(plan.method, plan.models, config.study_dir(), base_dir)
-    merged = merge_state_dict(plan, base, task_vectors(base, specialists), method)
+    merged = merge_state_dict(plan, base, deltas, method)
     values = dict(zip(study.metric_names or [], trial.values, strict=False))
     extra = {
         "study": study.study_name,
         "trial": number,
-        "baseline": trial.user_attrs.get("baseline"),
+        "baseline": trial.user_attrs.get(attrs.BASELINE),
         "values": values,
         "plan": plan.to_dict(),
     }
-    base_config = load_config(base_dir)
+    base_config = model_config(base_dir)
     num_layers = int(base_config.get("num_hidden_layers", 0))
     dtype = str(base_config.get("torch_dtype") or base_config.get("dtype") or "float32")
     files: dict[str, str] = {}
@@ -137,14 +125,21 @@ def export_trial(
     files["README.md"] = model_card(
         study=study.study_name,
         trial=number,
-        label=trial.user_attrs.get("baseline"),
+        label=trial.user_attrs.get(attrs.BASELINE),
         plan=plan,
         base=str(base_dir),
         models={name: str(path) for name, path in model_dirs.items()},
         num_layers=num_layers,
         search=values,
-        held_out=study.user_attrs.get("held_out", {}).get(str(number)),
+        held_out=study.user_attrs.get(attrs.HELD_OUT, {}).get(str(number)),
         storage_arg=storage_arg or f"studies/{study.study_name}",
         has_mergekit=has_mergekit,
     )
     return write_model_dir(Path(out), base_dir, merged, extra, files)
+
+
+def export_study_trial(study: str, number: int, out: Path, *, name: str | None = None) -> Path:
+    """``mergeopt export``: trial ``number`` of the study a user names (folder, file or URL)."""
+    url = study_url(study)
+    opened = load_study(url, name)
+    return export_trial(opened, located(study_config(opened), url), number, out, storage_arg=study)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from optimizer.engines.base import Engine, LogLikelihood, ModelSet
+from optimizer.checkpoints import ModelSet
+from optimizer.engines.base import Engine, LogLikelihood
 
 __all__ = ["BlankEngine"]
 

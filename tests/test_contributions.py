@@ -14,22 +14,23 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from optimizer.analysis.contribution_plots import contribution_heatmap, contribution_table
-from optimizer.analysis.contributions import (
+from optimizer.checkpoints import load_state_dict
+from optimizer.config import config_from_dict
+from optimizer.engines.base import Engine, LogLikelihood
+from optimizer.errors import ConfigError, MergeoptError
+from optimizer.merge import MergePlan, ModelParams, merge_state_dict, task_vectors
+from optimizer.merge.hi_merging import (
     ContributionAnalysis,
     analyze_contributions,
     hi_merging,
     layer_labels,
     model_tasks,
-    params_for_space,
     probe_plan,
 )
-from optimizer.config import config_from_dict
-from optimizer.engines.base import Engine, LogLikelihood
-from optimizer.errors import ConfigError, MergeoptError
-from optimizer.merge import MergePlan, ModelParams, merge_state_dict, task_vectors
-from optimizer.models import describe, layer_key, load_state_dict
+from optimizer.models import describe, layer_key
+from optimizer.report.contributions import contribution_heatmap, contribution_table
 from optimizer.search.prepare import Prepared, prepare
+from optimizer.search.warm_starts import StudyProbe, params_for_space
 from tests._cli import zoo_config
 
 LIMIT = 8  # search examples per task: enough to separate layers, cheap enough for CPU
@@ -80,7 +81,7 @@ def weights(prepared) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Ten
 def recorded(prepared, engine) -> tuple[ContributionAnalysis, list[MergePlan]]:
     """One real analysis (with cross probes) and the plans it sent to the engine, in order."""
     spy = _Recording(engine)
-    analysis = analyze_contributions(prepared, spy, cross=True)
+    analysis = analyze_contributions(StudyProbe(prepared, spy), cross=True)
     return analysis, spy.plans
 
 
@@ -297,11 +298,11 @@ def test_heatmap_and_table(recorded, tmp_path):
 
 def test_bad_inputs_are_refused_with_the_fix(prepared, engine):
     with pytest.raises(ConfigError, match=r"rev\.attn"):
-        analyze_contributions(prepared, engine, model_params={"rev.attn": ModelParams()})
+        analyze_contributions(StudyProbe(prepared, engine), model_params={"rev.attn": ModelParams()})
     with pytest.raises(ConfigError, match="unknown merge method"):
-        analyze_contributions(prepared, engine, base_method="nope")
+        analyze_contributions(StudyProbe(prepared, engine), base_method="nope")
     with pytest.raises(ConfigError, match="grid"):
-        hi_merging(prepared, engine, grid=(0.0, 1.5))
+        hi_merging(StudyProbe(prepared, engine), grid=(0.0, 1.5))
 
 
 def test_model_tasks_prefers_the_stated_specialist(zoo):
@@ -315,16 +316,17 @@ def test_model_tasks_prefers_the_stated_specialist(zoo):
         "sort": {"task_rev": 0.0, "task_sort": 0.4, "task_rot": 0.6},
         "rot": {},
     }
-    assert model_tasks(prep, gains) == {"rev": "task_rev", "sort": "task_rot", "rot": "task_rot"}
+    probe = StudyProbe(prep, engine=None)
+    assert model_tasks(probe, gains) == {"rev": "task_rev", "sort": "task_rot", "rot": "task_rot"}
     with pytest.raises(MergeoptError, match="specialist: rev"):
-        model_tasks(prep)
+        model_tasks(probe)
 
 
 # -- the unattended procedure ------------------------------------------------------------------------------
 
 
 def test_hi_merging_keeps_the_best_plan_it_saw(prepared, engine):
-    result = hi_merging(prepared, engine, rounds=1, grid=(0.5, 1.0))
+    result = hi_merging(StudyProbe(prepared, engine), rounds=1, grid=(0.5, 1.0))
     stage1 = result.stage("model_wise")
     assert len(stage1) == 1 + 3 * 3  # the start, then 3 new (p, s) pairs per model (one is the start)
     assert result.score >= max(e.score for e in stage1)

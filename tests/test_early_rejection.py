@@ -50,7 +50,7 @@ def test_golden_nll_of_parts_combines_to_the_whole(zoo) -> None:
     """Scores of disjoint parts combine to exactly the whole split's (token-weighted NLL too)."""
     import json
 
-    from optimizer.engines.base import ModelSet
+    from optimizer.checkpoints import ModelSet
     from optimizer.engines.hf_engine import HFEngine
     from optimizer.merge import MergePlan
 

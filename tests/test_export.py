@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from optimizer.models import load_state_dict
+from optimizer.checkpoints import load_state_dict
 from tests._cli import run_cli
 
 

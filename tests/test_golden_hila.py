@@ -1,4 +1,4 @@
-"""Golden data, head/MLP importance and HILA merging (METHODS.md seed 4) on the zoo and hand-built shapes.
+"""Golden data, head/MLP importance and HILA merging (docs/methods.md) on the zoo and hand-built shapes.
 
 Expected values come from an independent path, never from the code under test: golden answers
 from a direct ``engine.generate``, an importance value from the engine's own ``loglikelihood`` on
@@ -17,31 +17,31 @@ from pathlib import Path
 import pytest
 import torch
 
+from objectives.data import load_split
 from objectives.golden import (
     generate_golden,
     golden_by_specialist,
     golden_task_dir,
-    load_golden,
     read_manifest,
     specialist_for,
-    weights_fingerprint,
 )
 from objectives.tasks import load_tasks
-from optimizer.analysis.importance import (
-    importance_exact,
-    importance_first_order,
-    load_importance,
-    rank_correlation,
-    remove_unit,
-    save_importance,
-    unit_slices,
-)
+from optimizer.checkpoints import load_state_dict
+from optimizer.checkpoints import model_config as load_config
 from optimizer.config import ObjectiveConfig, config_from_dict
 from optimizer.engines.base import Engine, LogLikelihood
 from optimizer.errors import ConfigError
+from optimizer.fingerprint import model_fingerprint
 from optimizer.merge import MergePlan, ModelParams, get_method, merge_state_dict, task_vectors
-from optimizer.merge.hila import HILA, hila_coefficients, hila_method
-from optimizer.models import load_config, load_state_dict
+from optimizer.merge.hila import (
+    HILA,
+    hila_coefficients,
+    hila_method,
+    importance_exact,
+    importance_first_order,
+    remove_unit,
+    unit_slices,
+)
 from tests._cli import zoo_config
 
 TASKS = ("rev", "sort", "rot")
@@ -98,7 +98,7 @@ def engine(prepared):
 @pytest.fixture(scope="module")
 def golden_dir(prepared, engine, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("golden")
-    written = generate_golden(prepared, engine, out_dir=out)
+    written = generate_golden(prepared.config, prepared.tasks, engine, out_dir=out)
     assert written == {t: golden_task_dir(out, t) for t in TASKS}
     return out
 
@@ -120,7 +120,7 @@ def units(prepared):
 
 @pytest.mark.parametrize("split", ["search", "held_out"])
 def test_golden_rev_is_what_the_rev_specialist_generates(golden_dir, prepared, engine, split):
-    rows = load_golden(golden_dir, "rev", split)
+    rows = load_split(golden_task_dir(golden_dir, "rev"), split)
     source = next(t for t in prepared.tasks if t.name == "rev").examples(split)
     assert [r["prompt"] for r in rows] == [ex["prompt"] for ex in source]
     assert [r["original_target"] for r in rows] == [ex["target"] for ex in source]
@@ -137,10 +137,14 @@ def test_second_call_is_a_cache_hit_without_engine_calls(golden_dir, prepared, e
     files = sorted(golden_dir.rglob("*"))
     stamps = {p: p.stat().st_mtime_ns for p in files}
     counting = CountingEngine(engine)
-    assert generate_golden(prepared, counting, out_dir=golden_dir) == {t: golden_dir / t for t in TASKS}
+    written = generate_golden(prepared.config, prepared.tasks, counting, out_dir=golden_dir)
+    assert written == {t: golden_dir / t for t in TASKS}
     assert counting.calls == Counter()
-    # A factory (the CLI's lazy engine) is not even called when everything is cached.
-    generate_golden(prepared, lambda: pytest.fail("engine started on a cache hit"), out_dir=golden_dir)
+    # A lazy engine (what the CLI passes) is not even started when everything is cached.
+    from optimizer.engines import EngineSupervisor
+
+    lazy = EngineSupervisor(lambda: pytest.fail("engine started on a cache hit"), prepared.models)
+    generate_golden(prepared.config, prepared.tasks, lazy, out_dir=golden_dir)
     assert sorted(golden_dir.rglob("*")) == files  # no temp file left behind either
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
 
@@ -171,16 +175,16 @@ def test_a_changed_specialist_invalidates_its_golden_data_only(zoo, engine, tmp_
     prepared = prepare(config_from_dict(_copy_models(Path(zoo["root"]), tmp_path)))
     out = tmp_path / "golden"
     counting = CountingEngine(engine)  # holds the zoo's weights, which the copies equal
-    generate_golden(prepared, counting, out_dir=out)
+    generate_golden(prepared.config, prepared.tasks, counting, out_dir=out)
     assert counting.calls["generate"] == 2 * len(TASKS)  # two splits per task
     counting.calls.clear()
-    generate_golden(prepared, counting, out_dir=out)
+    generate_golden(prepared.config, prepared.tasks, counting, out_dir=out)
     assert counting.calls == Counter()
 
     rev_dir = tmp_path / "specialists" / "rev"
     before = read_manifest(out / "rev")["key"]["specialist_weights"]
     _alter_one_weight(rev_dir)
-    generate_golden(prepared, counting, out_dir=out)
+    generate_golden(prepared.config, prepared.tasks, counting, out_dir=out)
     assert counting.calls["generate"] == 2  # rev's two splits; sort and rot stay cached
     assert [k for k in counting.calls if k != "generate"] == [("apply_plan", one_hot(TASKS, "rev").to_json())]
     assert read_manifest(out / "rev")["key"]["specialist_weights"] != before
@@ -191,14 +195,14 @@ def test_stat_fingerprint_misses_what_content_fingerprint_sees(zoo, tmp_path):
     model = tmp_path / "rev"
     shutil.copytree(Path(zoo["root"]) / "specialists" / "rev", model)
     file = model / "model.safetensors"
-    stat_before, content_before = weights_fingerprint(model), weights_fingerprint(model, mode="content")
+    stat_before, content_before = model_fingerprint(model, mode="stat"), model_fingerprint(model, mode="content")
     st = file.stat()
     _alter_one_weight(model)
     assert file.stat().st_size == st.st_size
-    assert weights_fingerprint(model) != stat_before  # new mtime
+    assert model_fingerprint(model, mode="stat") != stat_before  # new mtime
     os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert weights_fingerprint(model) == stat_before
-    assert weights_fingerprint(model, mode="content") != content_before
+    assert model_fingerprint(model, mode="stat") == stat_before
+    assert model_fingerprint(model, mode="content") != content_before
 
 
 def test_golden_nll_objective_prefers_the_specialist_to_the_base(golden_dir, prepared, engine):
@@ -360,6 +364,37 @@ def test_exact_importance_matches_the_engine_on_hand_written_weights(importance,
     assert exact[model][unit.name] > 0
 
 
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):  # ties share their average rank
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def _rho(x: list[float], y: list[float]) -> float:
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((p - mx) * (q - my) for p, q in zip(rx, ry, strict=True))
+    sx = math.sqrt(sum((p - mx) ** 2 for p in rx))
+    sy = math.sqrt(sum((q - my) ** 2 for q in ry))
+    return cov / (sx * sy) if sx and sy else float("nan")
+
+
+def rank_correlation(a: dict, b: dict, *, per_model: bool = False) -> float | dict[str, float]:
+    """Spearman's ρ between two importance tables over their common (model, unit) pairs."""
+    pairs = {m: [u for u in a[m] if u in b.get(m, {})] for m in a}
+    if per_model:
+        return {m: _rho([a[m][u] for u in us], [b[m][u] for u in us]) for m, us in pairs.items() if us}
+    return _rho([a[m][u] for m, us in pairs.items() for u in us], [b[m][u] for m, us in pairs.items() for u in us])
+
+
 def test_first_order_importance_ranks_units_like_the_exact_one(importance):
     exact, first = importance
     rho = rank_correlation(exact, first)
@@ -369,15 +404,6 @@ def test_first_order_importance_ranks_units_like_the_exact_one(importance):
     # the zoo 0.34-0.62, per model 0.06-0.94. ρ ≥ 0.3 over 48 pairs is significant at ~5 %, no more:
     # the tangent at a specialist near its loss minimum is a weak stand-in for removal.
     assert rho >= 0.3
-
-
-def test_importance_files_round_trip(importance, tmp_path):
-    exact, _ = importance
-    path = save_importance(tmp_path / "imp.json", exact, method="exact", meta={"rows": 16})
-    assert load_importance(path) == exact
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ConfigError, match="not a mergeopt importance file"):
-        load_importance(tmp_path / "bad.json")
 
 
 # =========================================================================== HILA

@@ -1,6 +1,6 @@
 """Every merge method against hand-computed values on tiny tensors, plus plan scope resolution.
 
-Expected values are worked out in the comments from the formulas in METHODS.md, not from the
+Expected values are worked out in the comments from the formulas in docs/methods.md, not from the
 code, so a wrong rule (vote before weighting, sum instead of mean, a lost rescale) fails here.
 """
 
@@ -34,7 +34,8 @@ def t(*values: float) -> torch.Tensor:
 
 def run(method: str, base, deltas, params, **options) -> torch.Tensor:
     m = get_method(method)
-    return m.merge(base, deltas, params, {**m.options, **options}, torch.Generator().manual_seed(0))
+    assert m.merge is not None
+    return m.merge("w", base, deltas, params, {**m.options, **options}, torch.Generator().manual_seed(0))
 
 
 # --------------------------------------------------------------------------- linear, task arithmetic
@@ -70,8 +71,8 @@ def test_generalized_without_choices_is_task_arithmetic():
     params = [ModelParams(0.3), ModelParams(-0.7)]
     plain = GeneralizedMerge(Sparsification.NONE, Consensus.NONE)
     opts = {"lambda": 1.5, "normalize": False}
-    expected = get_method("task_arithmetic").merge(base, [d1, d2], params, {"lambda": 1.5}, GEN)
-    assert torch.allclose(plain(base, [d1, d2], params, opts, GEN), expected, atol=1e-6)
+    expected = get_method("task_arithmetic").merge("w", base, [d1, d2], params, {"lambda": 1.5}, GEN)
+    assert torch.allclose(plain("w", base, [d1, d2], params, opts, GEN), expected, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- sparsification

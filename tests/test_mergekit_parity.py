@@ -21,11 +21,12 @@ import pytest
 import torch
 import yaml
 
+from optimizer.checkpoints import load_state_dict
 from optimizer.errors import ConfigError
 from optimizer.merge import MergePlan, ModelParams, merge_state_dict, method_names, task_vectors
 from optimizer.merge import _registry as registry
 from optimizer.mergekit_yaml import plan_to_mergekit, to_yaml
-from optimizer.models import describe, load_state_dict
+from optimizer.models import describe
 from tests._tiny_models import build_tiny_models
 
 needs_mergekit = pytest.mark.skipif(

@@ -8,18 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from optimizer.checkpoints import check_compatible, load_state_dict, read_shapes, weight_files
+from optimizer.checkpoints import model_config as load_config
 from optimizer.errors import ModelError
-from optimizer.models import (
-    KINDS,
-    check_compatible,
-    describe,
-    layer_key,
-    load_config,
-    load_state_dict,
-    num_layers,
-    read_shapes,
-    weight_files,
-)
+from optimizer.models import KINDS, describe, layer_key, num_layers
 from tests._tiny_models import build_tiny_models
 
 # --------------------------------------------------------------------------- describe()

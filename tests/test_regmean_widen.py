@@ -1,6 +1,6 @@
 """WIDEN and RegMean on hand-built tensors, plus RegMean's Gram collection on a tiny Llama.
 
-Expected values come from the formulas in METHODS.md (worked out in the comments) or from an
+Expected values come from the formulas in docs/methods.md (worked out in the comments) or from an
 independent computation (``torch.linalg.lstsq`` for RegMean's least squares, a hook on the layer
 norm for the Grams), never from the code under test.
 """
@@ -8,12 +8,13 @@ norm for the Grams), never from the code under test.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from optimizer.errors import ConfigError
-from optimizer.merge import ModelParams, get_method
+from optimizer.merge import MergePlan, ModelParams, get_method, merge_tensor
 from optimizer.merge.regmean import (
     REGMEAN,
     GramCollector,
@@ -45,7 +46,7 @@ def sigmoid(x: float) -> float:
 
 def widen(base, deltas, weights=None, **options) -> torch.Tensor:
     params = [ModelParams(w) for w in (weights or [1.0] * len(deltas))]
-    return merge_widen(base, deltas, params, {**WIDEN.options, **options}, GEN)
+    return merge_widen("model.layers.0.mlp.up_proj.weight", base, deltas, params, {**WIDEN.options, **options}, GEN)
 
 
 def ones(n: int) -> list[ModelParams]:
@@ -334,7 +335,7 @@ def test_regmean_merge_is_the_solve_on_full_weights_in_delta_form():
     deltas = [w - base for w in ws]
     merge = regmean_method([{"model.layers.0.self_attn.qkv_input": g} for g in grams]).merge
     assert isinstance(merge, RegMeanMerge)
-    fn = merge.for_tensor("model.layers.0.self_attn.k_proj.weight")
+    fn = partial(merge, "model.layers.0.self_attn.k_proj.weight")
     out = fn(base, deltas, ones(2), {"alpha": 0.6}, GEN)
     assert torch.allclose(out, regmean_solve(ws, grams, 0.6), atol=1e-10)
     # λ scales task vectors: model m stands in as W₀ + λ_m τ_m; all λ = 0 is the base.
@@ -347,7 +348,7 @@ def test_regmean_merge_is_the_solve_on_full_weights_in_delta_form():
 
 def test_regmean_merge_averages_tensors_without_grams():
     merge = RegMeanMerge({})
-    fn = merge.for_tensor("model.layers.0.self_attn.q_proj.bias")
+    fn = partial(merge, "model.layers.0.self_attn.q_proj.bias")
     base, d1, d2 = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0]), torch.tensor([0.0, -4.0])
     # Mean of (W₀ + λ_m τ_m): 1 + (2·1 + 0)/2 = 2 and 1 + (0 + 0.5·(−4))/2 = 0.
     out = fn(base, [d1, d2], [ModelParams(1.0), ModelParams(0.5)], REGMEAN.options, GEN)
@@ -357,11 +358,12 @@ def test_regmean_merge_averages_tensors_without_grams():
 def test_regmean_refuses_to_merge_without_grams():
     assert get_method("regmean") is REGMEAN and REGMEAN.options == {"alpha": 0.9} and REGMEAN.mergekit is None
     base = torch.zeros(2, 2)
-    with pytest.raises(ConfigError, match="tensor's name"):
-        REGMEAN.merge(base, [base], ones(1), REGMEAN.options, GEN)
+    assert REGMEAN.merge is None  # unbound: the Grams are measured per study
+    with pytest.raises(ConfigError, match="needs its grams measured first"):
+        merge_tensor(MergePlan("regmean", ("a",)), "model.layers.1.mlp.down_proj.weight", base, [base])
     with pytest.raises(ConfigError, match=r"no Gram 'model\.layers\.1\.mlp\.down_proj'"):
-        RegMeanMerge({}).for_tensor("model.layers.1.mlp.down_proj.weight")
-    fn = RegMeanMerge({"lm_head": [torch.eye(2)]}).for_tensor("lm_head.weight")
+        RegMeanMerge({})("model.layers.1.mlp.down_proj.weight", base, [base], ones(1), REGMEAN.options, GEN)
+    fn = partial(RegMeanMerge({"lm_head": [torch.eye(2)]}), "lm_head.weight")
     with pytest.raises(ConfigError, match="2 models but Gram 'lm_head' has 1"):
         fn(base, [base, base], ones(2), REGMEAN.options, GEN)
     with pytest.raises(ConfigError, match="differ"):

@@ -16,12 +16,12 @@ import numpy as np
 import optuna
 import pytest
 
+from optimizer.gain import normalized_gain
 from optimizer.merge.plan import MergePlan, ModelParams
 from optimizer.report.coefficients import coefficient_grid
 from optimizer.report.hypervolume import hypervolume_history
 from optimizer.report.pick import parse_assignments, pick
 from optimizer.report.rows import ReportRow
-from optimizer.search.gain import normalized_gain
 from tests._browser import Browser
 from tests._cli import run_cli, zoo_tasks
 

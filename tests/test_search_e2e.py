@@ -138,8 +138,8 @@ def test_export_reproduces_trial_scores(finished_study) -> None:
     from transformers import AutoModelForCausalLM
 
     from objectives.tasks import load_tasks
+    from optimizer.checkpoints import ModelSet
     from optimizer.config import config_from_json
-    from optimizer.engines.base import ModelSet
     from optimizer.engines.hf_engine import HFEngine
     from optimizer.merge import MergePlan
 

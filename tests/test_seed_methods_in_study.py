@@ -16,9 +16,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from optimizer.checkpoints import load_state_dict
 from optimizer.merge.regmean import gram_key, regmean_solve, shrink_gram
 from optimizer.merge.study_data import load_study_data
-from optimizer.models import load_state_dict
 from tests._cli import run_cli, write_config, zoo_config
 
 pytestmark = pytest.mark.slow
@@ -89,8 +89,8 @@ def test_hila_study_generates_golden_data_measures_importance_and_searches_q_t_l
 def test_vllm_worker_merges_regmean_like_transformers(zoo, tmp_path) -> None:
     """The vLLM worker binds the same Grams from the study's file: same plan, same answers."""
     from objectives.tasks import load_tasks
+    from optimizer.checkpoints import ModelSet
     from optimizer.config import config_from_dict
-    from optimizer.engines.base import ModelSet
     from optimizer.engines.hf_engine import HFEngine
     from optimizer.engines.vllm_engine import VLLMEngine
     from optimizer.merge import MergePlan, ModelParams

@@ -18,9 +18,8 @@ import pytest
 from optuna.samplers._tpe import sampler as tpe
 
 from optimizer.config import config_from_dict
-from optimizer.search.snapshot import trials_snapshot
+from optimizer.search._optuna import split_once, trials_snapshot
 from optimizer.search.space import SearchSpace
-from optimizer.search.split_once import split_once
 
 MODELS = {"rev": "/m/rev", "sort": "/m/sort", "rot": "/m/rot"}
 CONFIG = {

@@ -25,16 +25,9 @@ import pytest
 from optuna.trial import TrialState
 
 from optimizer.errors import ConfigError
-from optimizer.search.storage import (
-    OWNER_ATTR,
-    display_url,
-    fail_stale_running,
-    journal_path,
-    make_storage,
-    mark_owner,
-    owner_alive,
-    sqlite_path,
-)
+from optimizer.search.attrs import OWNER as OWNER_ATTR
+from optimizer.search.owners import fail_stale_running, mark_owner, owner_alive
+from optimizer.search.storage import display_url, journal_path, make_storage, sqlite_path
 from tests._postgres import PostgresServer, free_port, postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +39,8 @@ DIRECTIONS = ["minimize", "minimize"]
 WORKER = f"""
 import pathlib, sys, time
 import optuna
-from optimizer.search.storage import fail_stale_running, make_storage, mark_owner
+from optimizer.search.owners import fail_stale_running, mark_owner
+from optimizer.search.storage import make_storage
 url, name, n, flag = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 storage = make_storage(url, heartbeat_interval={HEARTBEAT}, grace_period={GRACE})
@@ -105,30 +99,35 @@ def _load(url: str, name: str) -> optuna.Study:
 # -- one write per candidate --------------------------------------------------------------------
 
 
-def test_one_commit_writes_a_candidate_together_or_not_at_all(storage_url: str) -> None:
-    """On every storage: a block's parameters and attrs are all in the study when the block ends,
-    none are if it raised, and a bad distribution is refused as Optuna refuses it."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def rdb_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The storages one_commit batches (a journal is written call by call)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+def test_one_commit_writes_a_candidate_together_or_not_at_all(rdb_url: str) -> None:
+    """On every RDB storage: a block's parameters and attrs are all in the study when the block
+    ends, none are if it raised, and a bad distribution is refused as Optuna refuses it."""
     import threading
 
-    from optimizer.search.one_commit import one_commit
+    from optimizer.search._optuna import one_commit, storage_of, trial_id
 
+    storage_url = rdb_url
     study = optuna.create_study(study_name="oc", storage=make_storage(storage_url, heartbeat_interval=HEARTBEAT))
     trial = study.ask()
-    appends: list[int] = []  # on a journal: entries per append to the file
-    if storage_url.startswith("journal"):
-        counted = study._storage._backend.append_logs
-        study._storage._backend.append_logs = lambda logs: appends.append(len(logs)) or counted(logs)
     with one_commit(study):
         x = trial.suggest_float("x", 0.0, 1.0)
         trial.set_user_attr("plan", {"x": x})
         # Another thread (a progress display, the heartbeat) is not held back.
-        side = threading.Thread(target=lambda: study._storage.set_trial_user_attr(trial._trial_id, "side", 1))
+        side = threading.Thread(target=lambda: storage_of(study).set_trial_user_attr(trial_id(trial), "side", 1))
         side.start()
         side.join()
         assert _load(storage_url, "oc").trials[0].user_attrs == {"side": 1}
     [stored] = _load(storage_url, "oc").trials
     assert stored.params == {"x": x} and stored.user_attrs == {"side": 1, "plan": {"x": x}}
-    assert appends == ([1, 2] if storage_url.startswith("journal") else [])  # the thread's, then the block's
 
     second = study.ask()
     with pytest.raises(RuntimeError, match="mid-candidate"), one_commit(study):
@@ -150,41 +149,42 @@ def test_one_commit_writes_a_candidate_together_or_not_at_all(storage_url: str) 
         fourth.suggest_float("y", 0.0, 1.0)
         _load(storage_url, "oc").tell(fourth.number, state=TrialState.FAIL)  # another worker ends it
     assert _load(storage_url, "oc").trials[3].params == {}
-    if storage_url.startswith("journal"):  # ended between the block's check and its append
-        fifth = study.ask()
-        append = study._storage._backend.append_logs
-
-        def ours(logs: list) -> None:
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-            other = JournalStorage(JournalFileBackend(storage_url.removeprefix("journal://")))  # its own file handle
-            optuna.load_study(study_name="oc", storage=other).tell(fifth.number, state=TrialState.FAIL)
-            append(logs)
-
-        study._storage._backend.append_logs = ours
-        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError), one_commit(study):
-            fifth.suggest_float("y", 0.0, 1.0)
-            fifth.set_user_attr("plan", {})
-        study._storage._backend.append_logs = append
-        assert _load(storage_url, "oc").trials[4].params == {}
     # A refused block leaves nothing behind for later, unrelated calls to trip over.
     assert [t.state for t in study.get_trials()][:4] == [TrialState.RUNNING] * 3 + [TrialState.FAIL]
 
 
-def test_one_commit_with_unknown_optuna_internals_writes_call_by_call(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An Optuna whose private row writers changed shape is not batched, and still stores all."""
-    from optimizer.search import one_commit as module
+def test_one_commit_on_a_journal_writes_call_by_call(tmp_path: Path) -> None:
+    """A journal is not batched (mergeopt writes no journal entries of its own): each write lands at once."""
+    from optimizer.search._optuna import disabled, one_commit
 
-    monkeypatch.setattr(module, "_INTERNALS", False)
+    url = f"journal://{tmp_path / 'j.log'}"
+    study = optuna.create_study(study_name="j", storage=make_storage(url))
+    trial = study.ask()
+    with one_commit(study):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        assert _load(url, "j").trials[0].params == {"x": x}
+    assert "one_commit" not in disabled()  # not batching a journal is the design, not a disabled path
+
+
+def test_one_commit_with_unknown_optuna_internals_writes_call_by_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Optuna whose private row writers changed shape is not batched, still stores all, and says so once."""
+    from optimizer.search import _optuna as module
+
+    monkeypatch.setattr(module, "_disabled", {})  # this process's record, restored after the test
+    monkeypatch.setattr(module, "_warned", set())
+    monkeypatch.setitem(module._ROW_WRITERS, "_set_trial_param_without_commit", ("self", "another", "shape"))
     url = f"sqlite:///{tmp_path / 'u.db'}"
     study = optuna.create_study(study_name="u", storage=make_storage(url))
-    trial = study.ask()
-    with module.one_commit(study):
-        x = trial.suggest_float("x", 0.0, 1.0)
-        assert _load(url, "u").trials[0].params == {"x": x}  # written at once, as Optuna does
-    assert _load(url, "u").trials[0].params == {"x": x}
+    for _ in range(2):
+        trial = study.ask()
+        with caplog.at_level("WARNING", logger="mergeopt"), module.one_commit(study):
+            x = trial.suggest_float("x", 0.0, 1.0)
+            assert _load(url, "u").trials[trial.number].params == {"x": x}  # written at once, as Optuna does
+    assert "one_commit" in module.disabled()
+    warnings = [r for r in caplog.records if "one_commit fast path is off" in r.getMessage()]
+    assert len(warnings) == 1 and "_set_trial_param_without_commit" in warnings[0].getMessage()
 
 
 # -- several workers ---------------------------------------------------------------------------

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from objectives.metrics import ExactMatch
-from optimizer.engines.base import ModelSet
+from optimizer.checkpoints import ModelSet, load_state_dict
 from optimizer.engines.hf_engine import HFEngine
 from optimizer.export import write_model_dir
 from optimizer.merge import MergePlan, ModelParams, merge_state_dict, task_vectors
-from optimizer.models import load_state_dict
 from tests._cli import zoo_tasks
 
 pytestmark = pytest.mark.slow

@@ -33,7 +33,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from optimizer.search.storage import OWNER_ATTR, make_storage
+from optimizer.search.attrs import OWNER as OWNER_ATTR
+from optimizer.search.storage import make_storage
 from tests._cli import run_cli, write_config, zoo_config, zoo_tasks
 from tests._engines import BlankEngine
 from tests._postgres import PostgresServer, postgres_server  # noqa: F401 (fixture)
@@ -215,7 +216,7 @@ def test_simultaneous_starts_enqueue_the_baselines_once(kind: str, zoo, tmp_path
     def start() -> None:
         barrier.wait()
         try:
-            studies.append(open_study(prepared, storage_url=url))  # each opens its own storage
+            studies.append(open_study(prepared, storage_url=url)[0])  # each opens its own storage
         except BaseException as exc:
             errors.append(exc)
 
@@ -340,7 +341,8 @@ def test_out_of_memory_fails_the_trial_without_restarting_the_engine(zoo, tmp_pa
     from optimizer.config import config_from_dict
     from optimizer.engines.supervisor import EngineSupervisor
     from optimizer.search.prepare import prepare
-    from optimizer.search.study import open_study, run_trials
+    from optimizer.search.study import open_study
+    from optimizer.search.trials import run_trials
 
     class RunsOutOfMemory(BlankEngine):
         """A stand-in engine (test double) whose first two scorings run out of memory."""
@@ -359,7 +361,7 @@ def test_out_of_memory_fails_the_trial_without_restarting_the_engine(zoo, tmp_pa
 
     config = zoo_config("oom", limit=2, storage=f"sqlite:///{tmp_path / 'oom.db'}", search={"baselines": False})
     prepared = prepare(config_from_dict(config))
-    study = open_study(prepared)
+    study, prepared = open_study(prepared)
     supervisor = EngineSupervisor(lambda: RunsOutOfMemory(prepared.models), prepared.models, log=lambda _: None)
     run_trials(prepared, study, supervisor, target=2)
     trials = study.get_trials()
@@ -376,13 +378,14 @@ def test_a_dead_workers_trial_is_retried_even_when_the_target_is_reached(zoo, tm
     ran on this machine and is gone) and runs its retry, so no candidate is left behind."""
     from optimizer.config import config_from_dict
     from optimizer.engines.supervisor import EngineSupervisor
+    from optimizer.search.owners import this_process as _this_process
     from optimizer.search.prepare import prepare
-    from optimizer.search.storage import _this_process
-    from optimizer.search.study import open_study, run_trials
+    from optimizer.search.study import open_study
+    from optimizer.search.trials import run_trials
 
     config = zoo_config("dead", limit=2, storage=f"sqlite:///{tmp_path / 'dead.db'}", search={"baselines": False})
     prepared = prepare(config_from_dict(config))
-    study = open_study(prepared)
+    study, prepared = open_study(prepared)
     engine = BlankEngine()
     supervisor = EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
     run_trials(prepared, study, supervisor, target=2)
@@ -443,14 +446,15 @@ def _per_layer_study(storage: str) -> tuple:
     )
     prepared = prepare(config_from_dict(config))
     engine = BlankEngine()
-    return prepared, open_study(prepared), EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
+    study, prepared = open_study(prepared)
+    return prepared, study, EngineSupervisor(lambda: engine, prepared.models, log=lambda _: None)
 
 
 def test_a_per_layer_study_reads_the_storage_once_per_candidate_not_once_per_parameter(zoo, tmp_path: Path) -> None:
     """TPE (constant liar) re-reads every trial from the database at each ``suggest_*``: a
     per-layer study paid dozens of SQLite reads per candidate. The study loop serves a
     candidate's suggestions from one read, and draws exactly the candidates Optuna draws alone."""
-    from optimizer.search.study import run_trials
+    from optimizer.search.trials import run_trials
 
     prepared, study, supervisor = _per_layer_study(f"sqlite:///{tmp_path / 'reads.db'}")
     n_params = len(prepared.space.distributions())
@@ -477,7 +481,7 @@ def test_a_per_layer_candidate_is_written_in_one_transaction_and_reads_back_whol
     """Optuna commits every ``suggest_*`` on its own: on SQLite a per-layer candidate cost dozens
     of fsyncs. The study loop writes a candidate's parameters, plan and owner in one transaction,
     and the study read back from the file holds every parameter of every trial, equal to its plan."""
-    from optimizer.search.study import run_trials
+    from optimizer.search.trials import run_trials
 
     url = f"sqlite:///{tmp_path / 'writes.db'}"
     prepared, study, supervisor = _per_layer_study(url)

@@ -68,9 +68,9 @@ def test_scores_are_reproduced_from_the_saved_models(zoo: dict[str, Any]) -> Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from optimizer.checkpoints import load_state_dict
     from optimizer.engines._hf_generate import greedy_generate
     from optimizer.merge import MergePlan, merge_state_dict, task_vectors
-    from optimizer.models import load_state_dict
 
     root = Path(zoo["root"])
     task = "rev"

@@ -64,7 +64,8 @@ def greedy_generate(
                 ids[r, width - n :] = torch.tensor(encoded[i])
                 mask[r, width - n :] = 1
             with torch.inference_mode():
-                gen = model.generate(
+                # transformers' annotations resolve ``generate`` through nn.Module.__getattr__ (a Tensor)
+                gen = model.generate(  # type: ignore[operator]
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     do_sample=False,
@@ -100,7 +101,7 @@ def _completion(tokenizer: PreTrainedTokenizerBase, new_ids: list[int], eos_ids:
         if tok in eos_ids:
             new_ids = new_ids[: k + 1]
             break
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    text = str(tokenizer.decode(new_ids, skip_special_tokens=True))
     if stop:
         cut = text.find(stop)
         if cut >= 0:

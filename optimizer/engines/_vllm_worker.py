@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
+from optimizer.checkpoints import ModelSet, load_task_vectors
 from optimizer.engines._allocator import retain_freed_memory
 from optimizer.merge._precision import all_finite
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.apply import iter_merged
 from optimizer.merge.plan import MergePlan
 from optimizer.merge.study_data import bind
-from optimizer.models import check_compatible, load_state_dict
 
 __all__ = ["MergeWorkerExtension"]
 
@@ -48,22 +48,14 @@ class MergeWorkerExtension:
         # Every in-place reload warns that RotaryEmbedding (buffers only, nothing to load) kept its
         # tensors; that is expected for a merge, and would otherwise print once per trial.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]  # vLLM's worker provides it
         param = next(model.parameters())
         dtype = torch.float32 if param.dtype == torch.float32 else param.dtype
-        base_sd = load_state_dict(base, dtype)
-        device = param.device
-        self.mergeopt_base = {k: v.to(device) for k, v in base_sd.items()}
         # One specialist at a time, turned into its task vector at once: the load never holds more
         # than base + N task vectors + one checkpoint (a list of all checkpoints first would peak
         # at 2N + 1 model copies; measured in benchmarks/memory.py).
-        self.mergeopt_deltas: dict[str, list[torch.Tensor]] = {k: [] for k in base_sd}
-        for name, path in specialists.items():
-            state = load_state_dict(path, dtype)
-            check_compatible(base_sd, state, name)
-            for k, b in self.mergeopt_base.items():
-                self.mergeopt_deltas[k].append(state.pop(k).to(device) - b)
-            del state
+        models = ModelSet(Path(base), {k: Path(v) for k, v in specialists.items()})
+        self.mergeopt_base, self.mergeopt_deltas = load_task_vectors(models, dtype=dtype, device=param.device)
         self.mergeopt_models = tuple(specialists)
         # From here on every merge allocates the same sizes again: keep freed pages mapped. Not
         # before: the checkpoints read above are freed for good and should go back to the system.
@@ -72,7 +64,7 @@ class MergeWorkerExtension:
         self.mergeopt_base_dir = Path(base)
         self.mergeopt_bound: dict[str, MergeMethod] = {}
         nbytes = sum(t.numel() * t.element_size() for t in self.mergeopt_base.values()) * (1 + len(specialists))
-        return {"tensors": len(self.mergeopt_base), "bytes": nbytes, "device": str(device)}
+        return {"tensors": len(self.mergeopt_base), "bytes": nbytes, "device": str(param.device)}
 
     @torch.no_grad()
     def mergeopt_apply_plan(self, plan: dict[str, Any]) -> dict[str, float]:
@@ -94,7 +86,7 @@ class MergeWorkerExtension:
                     finite = False
                 yield name, tensor
 
-        runner = self.model_runner  # type: ignore[attr-defined]
+        runner = self.model_runner  # type: ignore[attr-defined]  # vLLM's worker provides it
         runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         _retie_head(runner.get_model(), runner.model_config.hf_config)
         return {"seconds": time.perf_counter() - t0, "finite": float(finite)}

@@ -8,35 +8,21 @@ Call order, once per worker process::
     ...next apply_plan...
     engine.close()
 
-Requests are plain strings and the engine tokenizes them with :func:`encode_pair`, so two
-engines (transformers, vLLM) score the very same token ids and can be checked against each other.
+Requests are plain strings and the engine tokenizes them with :func:`optimizer.tokens.encode_pair`,
+so two engines (transformers, vLLM) score the very same token ids and can be checked against each
+other.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from optimizer.checkpoints import ModelSet
 from optimizer.merge.plan import MergePlan
 
-__all__ = ["Engine", "GenerateBatch", "LogLikelihood", "ModelSet", "encode_pair"]
-
-
-@dataclass(frozen=True)
-class ModelSet:
-    """The models a study merges: the base and the specialists, by name, in a fixed order."""
-
-    base: Path
-    specialists: Mapping[str, Path]
-    # Folder of the study's measured data (``<needs>.safetensors``: RegMean's Grams, HILA's
-    # importances); engines bind methods that need it (optimizer.merge.study_data).
-    data_dir: Path | None = None
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self.specialists)
+__all__ = ["Engine", "GenerateBatch", "LogLikelihood"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,17 +41,6 @@ class GenerateBatch:
     prompts: Sequence[str]
     max_tokens: int
     stop: Sequence[str]
-
-
-def encode_pair(tokenizer: object, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of context (with the tokenizer's special prefix) and continuation (without).
-
-    Tokenizing the two separately (not the concatenation) keeps the continuation's tokens the
-    same whatever the context, which is what a golden-response NLL must compare across models.
-    """
-    ctx = tokenizer(context, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
-    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    return list(ctx), list(cont)
 
 
 class Engine(ABC):
@@ -90,6 +65,11 @@ class Engine(ABC):
         the engine allows (vLLM: one, with per-prompt sampling parameters, so every task's prompts
         share the decode steps); this default runs them one after the other."""
         return [self.generate(b.prompts, max_tokens=b.max_tokens, stop=b.stop) for b in batches]
+
+    @property
+    def name(self) -> str:
+        """Which engine this is (recorded in caches it produced, e.g. golden data's manifest)."""
+        return type(self).__name__
 
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release the engine's resources; the default has none to release."""

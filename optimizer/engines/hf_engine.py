@@ -12,17 +12,16 @@ from collections.abc import Sequence
 
 import torch
 
+from optimizer.checkpoints import ModelSet, load_task_vectors, torch_dtype
 from optimizer.engines._allocator import retain_freed_memory
-from optimizer.engines.base import Engine, LogLikelihood, ModelSet, encode_pair
+from optimizer.engines.base import Engine, LogLikelihood
 from optimizer.merge._registry import MergeMethod
-from optimizer.merge.apply import iter_merged, task_vectors
+from optimizer.merge.apply import iter_merged
 from optimizer.merge.plan import MergePlan
 from optimizer.merge.study_data import bind
-from optimizer.models import check_compatible, load_state_dict
+from optimizer.tokens import encode_pair
 
 __all__ = ["HFEngine"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine(Engine):
@@ -40,27 +39,18 @@ class HFEngine(Engine):
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         self.device = torch.device(device)
         self.batch_size = batch_size
-        torch_dtype = _DTYPES[dtype]
+        dtype_ = torch_dtype(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(models.base))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(str(models.base), dtype=torch_dtype)
-        self.model.to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(models.base), dtype=dtype_)
+        # transformers wraps .to() in a decorator whose annotations mypy reads as unbound
+        self.model.to(self.device).eval()  # type: ignore[arg-type]
         # Tied weights appear once in named_parameters; merging only those keeps a tied head
         # governed by the embedding's coefficients instead of being written twice.
         self._params = dict(self.model.named_parameters())
-        base = load_state_dict(models.base)
-        specialists = []
-        for name, path in models.specialists.items():
-            state = load_state_dict(path)
-            check_compatible(base, state, name)
-            specialists.append(state)
-        self._base = {k: v.to(self.device, torch_dtype) for k, v in base.items() if k in self._params}
+        self._base, self._deltas = load_task_vectors(models, dtype=dtype_, device=self.device, keep=self._params)
         self._bound: dict[str, MergeMethod] = {}
-        self._deltas = task_vectors(
-            self._base, [{k: s[k].to(self.device, torch_dtype) for k in self._base} for s in specialists]
-        )
-        del specialists
         retain_freed_memory()  # after the load (its checkpoints go back): merges reuse their pages
 
     @torch.no_grad()

@@ -14,8 +14,10 @@ repeat: after ``restart_after`` engine failures in a row it closes the engine an
 :class:`MergeoptError`: the worker stops with one line, and since no trial is running at that
 moment the study is left consistent.
 
-The supervisor stands in for the engine (``apply_plan`` / ``generate`` / ``loglikelihood``), so
-tasks score through it and never hold an engine that a restart has replaced.
+The supervisor is itself an :class:`~optimizer.engines.base.Engine` that stands in for the one it
+runs, so tasks, held-out scoring and golden data go through it and never hold an engine that a
+restart has replaced; and since it starts the engine on first use, a command that finds everything
+cached never pays for a start.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from optimizer.engines.base import Engine
 from optimizer.errors import MergeoptError
 
 if TYPE_CHECKING:
-    from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood, ModelSet
+    from optimizer.checkpoints import ModelSet
+    from optimizer.engines.base import GenerateBatch, LogLikelihood
     from optimizer.merge.plan import MergePlan
 
 __all__ = [
@@ -100,7 +104,7 @@ def _log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-class EngineSupervisor:
+class EngineSupervisor(Engine):
     """One engine per process, started on first use, restarted after repeated engine failures.
 
     Call order: ``supervisor()`` (or any engine method) starts it; after each trial the caller
@@ -145,6 +149,10 @@ class EngineSupervisor:
         return self.engine
 
     # -- the engine's interface, through whichever engine is current ------------------------------
+    @property
+    def name(self) -> str:
+        return self().name
+
     def apply_plan(self, plan: MergePlan) -> None:
         engine = self()
         engine.apply_plan(plan)

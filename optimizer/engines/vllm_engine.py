@@ -15,17 +15,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from typing import Any
 
-from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood, ModelSet, encode_pair
+from optimizer.checkpoints import ModelSet
+from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood
 from optimizer.errors import ConfigError
 from optimizer.merge.plan import MergePlan
+from optimizer.tokens import encode_pair
 
 __all__ = ["VLLMEngine"]
 
 _EXTENSION = "optimizer.engines._vllm_worker.MergeWorkerExtension"
 #: Seconds to let vLLM's engine-core process exit on its own at close before it is killed.
 _SHUTDOWN_S = 20.0
+#: KV cache of the CPU build (GiB) unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise.
+_CPU_KV_CACHE_GIB = 1
 
 
 def _import_vllm():
@@ -49,31 +52,20 @@ def _is_cpu_build() -> bool:
 class VLLMEngine(Engine):
     """Merge-in-place and scoring in a vLLM ``LLM``."""
 
-    def __init__(
-        self,
-        models: ModelSet,
-        *,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        kv_cache_gib: int = 1,
-        seed: int = 0,
-        **llm_kwargs: Any,
-    ):
+    def __init__(self, models: ModelSet, *, dtype: str = "auto"):
         vllm = _import_vllm()
         self.models = models
         cpu = _is_cpu_build()
         if cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(_CPU_KV_CACHE_GIB))
         if dtype == "auto":
             dtype = "float32" if cpu else "bfloat16"
         self.llm = vllm.LLM(
             model=str(models.base),
             dtype=dtype,
-            seed=seed,
-            max_model_len=max_model_len,
+            seed=0,
             worker_extension_cls=_EXTENSION,
             enable_prefix_caching=True,
-            **llm_kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.llm.collective_rpc(

@@ -26,7 +26,7 @@ import torch
 
 from optimizer.merge import _sparsify
 from optimizer.merge._precision import work_dtype
-from optimizer.merge._registry import MergeMethod
+from optimizer.merge._registry import MergeMethod, number_option
 from optimizer.merge.plan import ModelParams
 
 __all__ = ["Consensus", "GeneralizedMerge", "Sparsification", "generalized_method"]
@@ -62,6 +62,7 @@ class GeneralizedMerge:
 
     def __call__(
         self,
+        name: str,
         base: torch.Tensor,
         deltas: Sequence[torch.Tensor],
         params: Sequence[ModelParams],
@@ -74,7 +75,7 @@ class GeneralizedMerge:
         # Sign votes and sums in bf16 lose the small entries that sparsification keeps; work in fp32.
         work = work_dtype(base)
         rescale = bool(options.get("rescale", False))
-        gamma = float(options.get("gamma", 0.01))  # type: ignore[arg-type]
+        gamma = number_option(options, "gamma", 0.01, "breadcrumbs")
         model_gens = self._model_generators(generator, len(deltas))
 
         thinned = [
@@ -105,7 +106,7 @@ class GeneralizedMerge:
 
         if options.get("normalize", False):
             merged = merged / divisor
-        scale = float(options.get("lambda", 1.0))  # type: ignore[arg-type]
+        scale = number_option(options, "lambda", 1.0, "merge")
         if scale != 1.0:
             merged = merged * scale
         return (base.to(work) + merged).to(base.dtype)
@@ -120,7 +121,7 @@ class GeneralizedMerge:
         if self.sparsification is not Sparsification.RANDOM:
             return [None] * n
         seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device)
-        gens = []
+        gens: list[torch.Generator | None] = []
         for seed in seeds.tolist():
             g = torch.Generator(device=generator.device)
             g.manual_seed(seed)

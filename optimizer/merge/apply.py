@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from optimizer.errors import ConfigError
 from optimizer.merge._registry import MergeMethod, get_method
 from optimizer.merge.plan import MergePlan
 from optimizer.models import describe
@@ -50,15 +51,15 @@ def merge_tensor(
 ) -> torch.Tensor:
     """The merged value of one tensor under ``plan``."""
     method = method or get_method(plan.method)
+    if method.merge is None:
+        kind = method.study_data.kind if method.study_data is not None else "study data"
+        raise ConfigError(
+            f"merge method {method.name!r} needs its {kind} measured first; run it through a study"
+            " (`mergeopt search`), or bind it with optimizer.merge.study_data.bind"
+        )
     options = options if options is not None else resolved_options(method, plan)
     params = plan.for_tensor(describe(name))
-    merge = method.merge
-    # Methods that need per-tensor data measured once per study (RegMean's Gram matrices, HILA's
-    # head importances) are MergeMethods bound to that data; their merge fn picks it by name.
-    for_tensor = getattr(merge, "for_tensor", None)
-    if for_tensor is not None:
-        merge = for_tensor(name)
-    return merge(base, deltas, params, options, _generator(plan, name))
+    return method.merge(name, base, deltas, params, options, _generator(plan, name))
 
 
 def iter_merged(

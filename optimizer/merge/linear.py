@@ -16,6 +16,7 @@ from optimizer.merge.plan import ModelParams
 
 
 def merge_linear(
+    name: str,
     base: torch.Tensor,
     deltas: Sequence[torch.Tensor],
     params: Sequence[ModelParams],

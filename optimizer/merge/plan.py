@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from optimizer.models import TensorInfo, layer_key
 
-__all__ = ["MergePlan", "ModelParams", "scopes_for"]
+__all__ = ["MergePlan", "ModelParams", "base_plan", "scopes_for", "specialist_plan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +84,15 @@ class MergePlan:
     @classmethod
     def from_json(cls, text: str) -> MergePlan:
         return cls.from_dict(json.loads(text))
+
+
+def base_plan(models: tuple[str, ...]) -> MergePlan:
+    """θ₀ itself: task arithmetic with every weight 0 (exact for every engine)."""
+    return MergePlan("task_arithmetic", tuple(models), {m: ModelParams(weight=0.0) for m in models})
+
+
+def specialist_plan(models: tuple[str, ...], model: str) -> MergePlan:
+    """Specialist ``model`` alone, θ₀ + τₘ: task arithmetic with its weight 1 and the others' 0."""
+    return MergePlan(
+        "task_arithmetic", tuple(models), {k: ModelParams(weight=1.0 if k == model else 0.0) for k in models}
+    )

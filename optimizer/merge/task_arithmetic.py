@@ -11,18 +11,19 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from optimizer.merge._registry import MergeMethod, register
+from optimizer.merge._registry import MergeMethod, number_option, register
 from optimizer.merge.plan import ModelParams
 
 
 def merge_task_arithmetic(
+    name: str,
     base: torch.Tensor,
     deltas: Sequence[torch.Tensor],
     params: Sequence[ModelParams],
     options: Mapping[str, object],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    scale = float(options.get("lambda", 1.0))
+    scale = number_option(options, "lambda", 1.0, "task_arithmetic")
     merged: torch.Tensor | None = None
     for p, tau in zip(params, deltas, strict=True):
         if p.weight == 0.0:

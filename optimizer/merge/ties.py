@@ -5,7 +5,7 @@ weighted mass, and average only the entries that agree with it (divided by the w
 models that agree). Interference between specialists shows up as opposite signs on the same
 weight; the vote settles it instead of letting the two cancel.
 
-Defaults follow the paper and METHODS.md (density 0.2 — "keep the top 20%") and mergekit's
+Defaults follow the paper (density 0.2 — "keep the top 20%") and mergekit's
 ``ties`` (``normalize`` on, no rescale, ``lambda`` 1).
 """
 

@@ -6,7 +6,7 @@ fails when one model was continually *pre-trained* and moved far from the base. 
 model per input column instead: a column that a model changed a lot, relative to the other columns
 of the same model, is where that model's knowledge lives, so it gets that model's delta.
 
-Per 2-D weight W (out, in), column j, model m (METHODS.md, Seed 3, and the paper's Sec. 3):
+Per 2-D weight W (out, in), column j, model m (``docs/methods.md`` and the paper's Sec. 3):
 
 1. disentangle: magnitude ‖W[:, j]‖ and direction W[:, j] / ‖W[:, j]‖; compare with the base:
    ΔMₘ,ⱼ = |‖θₘ[:, j]‖ − ‖θ₀[:, j]‖|,  ΔDₘ,ⱼ = 1 − cos(θₘ[:, j], θ₀[:, j]);
@@ -16,7 +16,7 @@ Per 2-D weight W (out, in), column j, model m (METHODS.md, Seed 3, and the paper
    becomes ``s`` (so a model's most-changed columns are kept at a fixed strength, not shared);
 5. column weight wₘ,ⱼ = ½ (Sᴹ + Sᴰ); W = θ₀ + Σₘ λₘ wₘ,ⱼ τₘ[:, j].
 
-1-D tensors (norms, biases) cannot be disentangled: as in METHODS.md and the authors' code, the
+1-D tensors (norms, biases) cannot be disentangled: as in the paper and the authors' code, the
 significance is |τ| itself (no ranking), softmaxed across models per entry and calibrated the same
 way. Other ranks (0-D, >2-D; none in Llama/Qwen2) are treated entry-wise like 1-D tensors.
 
@@ -32,8 +32,9 @@ Choices beyond the paper, each for a reason:
 * ``calibrate: false`` switches step 4 off (then the weights of each column sum to 1), so the
   search can compare both; ``temperature`` lets it sharpen (→ 0: winner takes the column) or flatten
   (→ ∞: plain average) the softmax.
-* The column axis is the input axis for every 2-D tensor, the embedding included (a MergeFn does
-  not know the tensor's name). The authors transpose ``embed_tokens`` to weigh per token instead.
+* The column axis is the input axis for every 2-D tensor, the embedding included. The authors
+  transpose ``embed_tokens`` to weigh per token instead (issue 22 makes that the default; the
+  merge function receives the tensor's name, so it can).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 
 from optimizer.errors import ConfigError
 from optimizer.merge._precision import work_dtype
-from optimizer.merge._registry import MergeMethod, register
+from optimizer.merge._registry import MergeMethod, number_option, register
 from optimizer.merge.plan import ModelParams
 
 __all__ = ["WIDEN", "column_differences", "fractional_rank", "importance_scores", "merge_widen", "widen_weights"]
@@ -107,9 +108,9 @@ def importance_scores(
 
 
 def _options(options: Mapping[str, object]) -> tuple[float, float, float, bool]:
-    t = float(options.get("t", 1.0))  # type: ignore[arg-type]
-    s = float(options.get("s", 1.0))  # type: ignore[arg-type]
-    temperature = float(options.get("temperature", 1.0))  # type: ignore[arg-type]
+    t = number_option(options, "t", 1.0, "widen")
+    s = number_option(options, "s", 1.0, "widen")
+    temperature = number_option(options, "temperature", 1.0, "widen")
     calibrate = bool(options.get("calibrate", True))
     if not temperature > 0:
         raise ConfigError(f"widen option temperature={temperature}: must be > 0 (1 is the paper's softmax)")
@@ -135,6 +136,7 @@ def widen_weights(base: torch.Tensor, deltas: Sequence[torch.Tensor], options: M
 
 
 def merge_widen(
+    name: str,
     base: torch.Tensor,
     deltas: Sequence[torch.Tensor],
     params: Sequence[ModelParams],

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import optuna
-
-# Optuna's exact WFG hypervolume. Private, but pinned by our optuna>=5,<6 requirement and the only
-# exact implementation at hand; the public plot_hypervolume_history draws without returning values.
-from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
+from optimizer.search._optuna import compute_hypervolume
 from optimizer.search.front import losses
 
 __all__ = ["hypervolume_history", "reference_point"]

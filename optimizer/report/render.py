@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimizer.report.rows import ReportRow
-from optimizer.search.gain import References
+from optimizer.search.references import References
 
 __all__ = ["ReportContext", "render_html", "render_markdown"]
 

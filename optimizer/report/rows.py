@@ -2,7 +2,7 @@
 
 Search scores are measured on the few examples the sampler optimised against, so they are
 optimistic; a choice should rest on held-out scores. One :class:`ReportRow` per trial carries
-both, plus the held-out normalized gain per task (see :mod:`optimizer.search.gain`), and the
+both, plus the held-out normalized gain per task (see :mod:`optimizer.gain`), and the
 tables (``front.csv``, ``front.json``) are written from these rows only, so every file of a
 report shows the same numbers.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,10 +20,11 @@ import optuna
 from optuna.trial import TrialState
 
 from optimizer.engines.base import Engine
+from optimizer.search import attrs
 from optimizer.search.front import front_trials
-from optimizer.search.gain import References, references
-from optimizer.search.pareto import held_out_scores
+from optimizer.search.held_out import held_out_scores
 from optimizer.search.prepare import Prepared
+from optimizer.search.references import References, references
 
 __all__ = ["ReportRow", "collect_rows", "write_tables"]
 
@@ -51,20 +52,18 @@ class ReportRow:
         return f"trial {self.number}" + (f" ({self.label})" if self.label else "")
 
 
-def collect_rows(
-    study: optuna.Study, prepared: Prepared, engine_factory: Callable[[], Engine]
-) -> tuple[list[ReportRow], References]:
+def collect_rows(study: optuna.Study, prepared: Prepared, engine: Engine) -> tuple[list[ReportRow], References]:
     """Front members (by trial number), then baselines that are not on the front."""
     front = front_trials(study)
     on_front = {t.number for t in front}
     baselines = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get("baseline") and t.number not in on_front
+        if t.user_attrs.get(attrs.BASELINE) and t.number not in on_front
     ]
     trials = front + sorted(baselines, key=lambda t: t.number)
-    held = held_out_scores(study, trials, prepared, engine_factory)
-    refs = references(study, prepared, engine_factory)
+    held = held_out_scores(study, trials, prepared, engine)
+    refs = references(study, prepared, engine)
     names = study.metric_names or [t.name for t in prepared.tasks]
     rows = []
     for t in trials:
@@ -72,7 +71,7 @@ def collect_rows(
         rows.append(
             ReportRow(
                 number=t.number,
-                label=str(t.user_attrs.get("baseline", "")),
+                label=str(t.user_attrs.get(attrs.BASELINE, "")),
                 on_front=t.number in on_front,
                 params={k: float(v) for k, v in t.params.items()},
                 search=dict(zip(names, t.values, strict=True)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from optimizer.merge import MergePlan, ModelParams, method_names
+from optimizer.merge.plan import base_plan, specialist_plan
 
 __all__ = ["baseline_plans"]
 
@@ -23,7 +24,7 @@ def baseline_plans(models: Sequence[str]) -> dict[str, MergePlan]:
     """Label → plan, in the order they are enqueued."""
     models = tuple(models)
     plans = {
-        "base": MergePlan("task_arithmetic", models, _uniform(models, 0.0)),
+        "base": base_plan(models),
         "uniform_average": MergePlan("linear", models, _uniform(models, 1.0)),
         "task_arithmetic_1.0": MergePlan("task_arithmetic", models, _uniform(models, 1.0)),
         "task_arithmetic_0.5": MergePlan("task_arithmetic", models, _uniform(models, 0.5)),
@@ -32,6 +33,5 @@ def baseline_plans(models: Sequence[str]) -> dict[str, MergePlan]:
         # TIES paper defaults: keep the top 20 % of each task vector, λ = 1.
         plans["ties_defaults"] = MergePlan("ties", models, _uniform(models, 1.0, density=0.2))
     for m in models:
-        one_hot = {k: ModelParams(weight=1.0 if k == m else 0.0) for k in models}
-        plans[f"specialist:{m}"] = MergePlan("task_arithmetic", models, one_hot)
+        plans[f"specialist:{m}"] = specialist_plan(models, m)
     return plans

@@ -4,7 +4,8 @@ A contribution analysis (``mergeopt analyze contributions``) finds layers that h
 but hurt in the merge. The study records them (user attr ``layer_overrides``) and from then on a
 model-wise space gives those layers their own weight/density per model while every other layer
 keeps sharing the model-wise ones: the search spends parameters where the conflict is. Optuna's
-samplers accept a space that grows (new parameters are sampled independently at first).
+samplers accept a space that grows (new parameters are sampled independently at first). The
+space is built with them when the study is opened (:func:`optimizer.search.study.open_study`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ import optuna
 
 from optimizer.errors import ConfigError
 from optimizer.models import layer_key
+from optimizer.search import attrs
 from optimizer.search.prepare import Prepared
 from optimizer.search.space import SearchSpace
 
-__all__ = ["ATTR", "record_layer_overrides", "with_study_overrides"]
-
-ATTR = "layer_overrides"
+__all__ = ["record_layer_overrides", "study_overrides", "with_study_overrides"]
 
 
 def _check(labels: Iterable[str], num_layers: int) -> list[str]:
@@ -35,16 +35,21 @@ def _check(labels: Iterable[str], num_layers: int) -> list[str]:
     return out
 
 
-def record_layer_overrides(study: optuna.Study, prepared: Prepared, labels: Iterable[str]) -> list[str]:
+def study_overrides(study: optuna.Study) -> tuple[str, ...]:
+    """The layers the study has recorded so far."""
+    return tuple(study.user_attrs.get(attrs.LAYER_OVERRIDES, []))
+
+
+def record_layer_overrides(study: optuna.Study, num_layers: int, labels: Iterable[str]) -> list[str]:
     """Store the layers (merged with those already stored) and return the full list."""
-    merged = _check([*study.user_attrs.get(ATTR, []), *labels], prepared.space.num_layers)
-    study.set_user_attr(ATTR, merged)
+    merged = _check([*study_overrides(study), *labels], num_layers)
+    study.set_user_attr(attrs.LAYER_OVERRIDES, merged)
     return merged
 
 
 def with_study_overrides(study: optuna.Study, prepared: Prepared) -> Prepared:
     """``prepared`` with a space that includes the study's recorded layer overrides."""
-    labels = tuple(study.user_attrs.get(ATTR, []))
+    labels = study_overrides(study)
     if not labels or prepared.config.granularity != "model" or labels == prepared.space.layer_overrides:
         return prepared
     space = SearchSpace(prepared.config, prepared.space.num_layers, layer_overrides=labels)

@@ -1,8 +1,10 @@
-"""Check everything a study needs before anything is written.
+"""Check everything a study needs before anything is written; then measure what its method needs.
 
-Models are checked from their safetensors headers (cheap), task data is loaded and its fields
-checked, and the search space is built. Only when all of it holds does a study file appear, so a
-bad config leaves no half-made study behind.
+:func:`prepare` only validates: models from their safetensors headers (cheap), task data loaded
+and its fields checked, the search space built. It writes nothing, so a bad config leaves no
+half-made study behind. :func:`measured` then measures, once per study, what the merge method
+needs (RegMean's Grams, HILA's golden data and importances: :mod:`optimizer.search.study_data`),
+or finds it cached beside the study.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from optuna.study import StudyDirection
+
 from objectives.tasks import Task, load_tasks
+from optimizer.checkpoints import ModelSet, check_compatible, model_config, read_shapes
 from optimizer.config import StudyConfig
-from optimizer.engines.base import ModelSet
-from optimizer.models import check_compatible, load_config, read_shapes
 from optimizer.search.space import SearchSpace
 from optimizer.search.study_data import ensure_study_data
 
-__all__ = ["Prepared", "check_models", "prepare"]
+__all__ = ["Prepared", "check_models", "measured", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,9 @@ class Prepared:
     space: SearchSpace
 
     @property
-    def directions(self) -> list[str]:
-        return [t.direction for t in self.tasks]
+    def directions(self) -> list[StudyDirection]:
+        """One Optuna direction per task, in objective order."""
+        return [StudyDirection.MAXIMIZE if t.direction == "maximize" else StudyDirection.MINIMIZE for t in self.tasks]
 
 
 def check_models(config: StudyConfig) -> tuple[ModelSet, int]:
@@ -40,14 +44,22 @@ def check_models(config: StudyConfig) -> tuple[ModelSet, int]:
     base_shapes = read_shapes(models.base)
     for name, path in models.specialists.items():
         check_compatible(base_shapes, read_shapes(path), name)
-    num_layers = int(load_config(models.base).get("num_hidden_layers", 0))
+    num_layers = int(model_config(models.base).get("num_hidden_layers", 0))
     return models, num_layers
 
 
-def prepare(config: StudyConfig, say: Callable[[str], None] = lambda _: None) -> Prepared:
-    """Validate the config; then measure (or find cached) what the method needs once per study."""
+def prepare(config: StudyConfig, *, layer_overrides: tuple[str, ...] = ()) -> Prepared:
+    """Validate the config against its models and data; nothing is written.
+
+    ``layer_overrides``: layers a contribution analysis gave coefficients of their own (a study
+    records them; :func:`optimizer.search.study.open_study` passes them on).
+    """
     models, num_layers = check_models(config)
     tasks = load_tasks(config)
-    space = SearchSpace(config, num_layers)
-    data = ensure_study_data(config, models, tasks, say)
-    return Prepared(config, replace(models, data_dir=data.parent if data else None), tasks, space)
+    return Prepared(config, models, tasks, SearchSpace(config, num_layers, layer_overrides))
+
+
+def measured(prepared: Prepared, say: Callable[[str], None] = lambda _: None) -> Prepared:
+    """``prepared`` with the method's study data measured (or found cached) beside the study."""
+    data = ensure_study_data(prepared.config, prepared.models, prepared.tasks, say)
+    return replace(prepared, models=replace(prepared.models, data_dir=data.parent if data else None))

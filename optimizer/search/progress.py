@@ -19,8 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from optimizer.search import attrs
 from optimizer.search.front import front_trials
-from optimizer.search.storage import OWNER_ATTR, owner_alive
+from optimizer.search.owners import owner_alive
 from optimizer.search.study import FINISHED, count_finished
 
 __all__ = ["FailureGroup", "SearchProgress", "StudyStatus", "WorkerSeen", "study_status"]
@@ -74,12 +75,12 @@ class SearchProgress:
         if self.live:
             self.progress.update(self.task, completed=done, description=text)
             return
-        label = trial.user_attrs.get("baseline")
+        label = trial.user_attrs.get(attrs.BASELINE)
         what = f"baseline {label}" if label else "search"
         state = trial.state.name.lower()
         if trial.state == TrialState.FAIL:
-            state += f" ({trial.user_attrs.get('fail_reason', 'no reason recorded')})"
-        rejected = trial.user_attrs.get("rejected")
+            state += f" ({trial.user_attrs.get(attrs.FAIL_REASON, 'no reason recorded')})"
+        rejected = trial.user_attrs.get(attrs.REJECTED)
         if trial.state == TrialState.PRUNED and isinstance(rejected, dict):
             state = (
                 f"rejected early (dominated by trial {rejected.get('dominated_by')}"
@@ -168,7 +169,7 @@ def _failures(trials: list[FrozenTrial]) -> list[FailureGroup]:
     for t in trials:
         if t.state != TrialState.FAIL:
             continue
-        kind, reason = t.user_attrs.get("fail_kind"), t.user_attrs.get("fail_reason")
+        kind, reason = t.user_attrs.get(attrs.FAIL_KIND), t.user_attrs.get(attrs.FAIL_REASON)
         if reason is None and t.number in retried:  # failed by Optuna's heartbeat, which sets no reason
             kind, reason = "worker", "its worker stopped mid-trial (heartbeat expired); retried"
         kind, reason = str(kind or "unknown"), str(reason or "no reason recorded")
@@ -185,12 +186,12 @@ def _stamp(dt: datetime | None) -> float | None:
 def _workers(trials: list[FrozenTrial]) -> list[WorkerSeen]:
     seen: dict[tuple[str, int, object], list[FrozenTrial]] = defaultdict(list)
     for t in trials:
-        owner = t.user_attrs.get(OWNER_ATTR)
+        owner = t.user_attrs.get(attrs.OWNER)
         if isinstance(owner, dict) and "pid" in owner:
             seen[(str(owner.get("host", "?")), int(owner["pid"]), owner.get("pid_start"))].append(t)
     out = []
     for (host, pid, _), owned in seen.items():
-        beats = [float(t.user_attrs[OWNER_ATTR].get("beat", 0.0)) for t in owned]
+        beats = [float(t.user_attrs[attrs.OWNER].get("beat", 0.0)) for t in owned]
         beats += [s for t in owned if (s := _stamp(t.datetime_complete)) is not None]
         out.append(
             WorkerSeen(
@@ -224,8 +225,8 @@ def study_status(
         rate_overall = len(ends) / (span / 3600)
         window = min(window_hours * 3600, max(now - first, 1.0))
         rate_window = sum(e >= now - window for e in ends) / (window / 3600)
-    labels = {t.user_attrs["baseline"] for t in trials if "baseline" in t.user_attrs}
-    done = {t.user_attrs["baseline"] for t in complete if "baseline" in t.user_attrs}
+    labels = {t.user_attrs[attrs.BASELINE] for t in trials if attrs.BASELINE in t.user_attrs}
+    done = {t.user_attrs[attrs.BASELINE] for t in complete if attrs.BASELINE in t.user_attrs}
     return StudyStatus(
         name=study.study_name,
         states=dict(states),

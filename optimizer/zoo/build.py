@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optimizer.atomic import replace_dir
 from optimizer.errors import DataError, MergeoptError
 from optimizer.zoo.stats import task_vector_stats
 from optimizer.zoo.tasks import STOP, TASK_NAMES, TASKS, Example
@@ -116,7 +117,7 @@ def build_zoo(
         if check_criteria:
             _check(info)
         if force or not _matches(out, seed, recipe):  # else another process finished first: keep theirs
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out, umask_modes=True)
             say(f"zoo: written to {out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,24 +167,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    # mkdtemp made `new` private (0700) and some writers make files 0600; a zoo is shared data, so
-    # give it the modes the user's umask gives any new file before it goes live.
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [new, *new.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    # A directory cannot be renamed onto a non-empty one: move the old zoo aside first, so `out`
-    # is at every instant either absent, the old zoo or the new one.
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / "zoo")
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(tmp: Path, *, seed: int, recipe: Recipe, say: Callable[[str], None]) -> dict[str, Any]:
@@ -359,12 +342,12 @@ def _evaluate(
 
 def _load_task_arithmetic(model: LlamaForCausalLM, zoo: Path) -> None:
     """Put θ₀ + Σₘ τₘ (every specialist at weight 1) into ``model``, via the merge core."""
-    from optimizer.merge import MergePlan, merge_state_dict, task_vectors
-    from optimizer.models import load_state_dict
+    from optimizer.checkpoints import ModelSet, load_task_vectors
+    from optimizer.merge import MergePlan, merge_state_dict
 
-    base = load_state_dict(zoo / "base")
-    specialists = [load_state_dict(zoo / "specialists" / t) for t in TASK_NAMES]
-    merged = merge_state_dict(MergePlan("task_arithmetic", TASK_NAMES), base, task_vectors(base, specialists))
+    models = ModelSet(zoo / "base", {t: zoo / "specialists" / t for t in TASK_NAMES})
+    base, deltas = load_task_vectors(models)
+    merged = merge_state_dict(MergePlan("task_arithmetic", TASK_NAMES), base, deltas)
     model.load_state_dict(merged, strict=True)
 
 

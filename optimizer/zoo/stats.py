@@ -23,8 +23,8 @@ def task_vector_stats(zoo: Path | str, tasks: Sequence[str]) -> dict[str, dict[s
     """
     import torch  # here, not at module level: importing the zoo's build must not load torch
 
+    from optimizer.checkpoints import load_state_dict
     from optimizer.merge import task_vectors
-    from optimizer.models import load_state_dict
 
     zoo = Path(zoo)
     base = load_state_dict(zoo / "base", torch.float32)

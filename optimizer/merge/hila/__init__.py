@@ -1,7 +1,7 @@
-"""HILA-Merging (NCU 2026; METHODS.md seed 4): prune and weight units by measured importance.
+"""HILA-Merging (NCU 2026; ``docs/methods.md``): prune and weight units by measured importance.
 
 Each attention head, shared KV head and MLP of each layer is a *unit*
-(:func:`optimizer.analysis.importance.unit_slices`), and each specialist m has an importance
+(:func:`~optimizer.merge.hila._units.unit_slices`), and each specialist m has an importance
 Iₘ,ᵤ for it: how much m's golden loss rises when its delta on u is removed. Per unit slice,
 
     θᵤ = θ₀,ᵤ + λ Σₘ kₘ,ᵤ · softmaxₘ∈kept(Iₘ,ᵤ / (T·s)) · τₘ,ᵤ,
@@ -20,8 +20,9 @@ importances and 0 prunes it, and s = mean |Iₘ,ᵤ| over the table. Choices, an
   the T → ∞, q = 0 limit of the rule above, so those limits are plain λ-scaled averaging.
 * ``params[m].weight`` (1 unless a plan sets it; HILA's search does not) scales τₘ everywhere.
 
-Importance is measured once per study, so HILA is a :class:`MergeMethod` bound to it
-(:func:`hila_method`); the registered ``hila`` record has none and says what to do when called.
+The method's pieces, all in this folder: the units (``_units.py``), the importance measurement
+on each specialist's golden answers (``_importance.py``), and here the coefficients, the merge and
+:class:`ImportanceData`, the importance measured once per study and cached beside it.
 """
 
 from __future__ import annotations
@@ -30,20 +31,33 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from optimizer.checkpoints import model_config, read_shapes
 from optimizer.errors import ConfigError
 from optimizer.merge._precision import work_dtype
-from optimizer.merge._registry import MergeFn, MergeMethod, register
+from optimizer.merge._registry import Measured, MergeFn, MergeMethod, StudyData, StudyInputs, number_option, register
+from optimizer.merge.hila._importance import Importance, importance_exact, importance_first_order
+from optimizer.merge.hila._units import TensorSlice, Unit, remove_unit, unit_slices
 from optimizer.merge.plan import ModelParams
 
-if TYPE_CHECKING:
-    # Only the type: the merge core must not import the analysis package when methods register.
-    from optimizer.analysis.importance import TensorSlice, Unit
-
-__all__ = ["HILA", "HILA_DEFAULTS", "SEARCH_RANGES", "HilaMerge", "hila_coefficients", "hila_method"]
+__all__ = [
+    "HILA",
+    "HILA_DEFAULTS",
+    "SEARCH_RANGES",
+    "HilaMerge",
+    "Importance",
+    "ImportanceData",
+    "TensorSlice",
+    "Unit",
+    "hila_coefficients",
+    "hila_method",
+    "importance_exact",
+    "importance_first_order",
+    "remove_unit",
+    "unit_slices",
+]
 
 #: Defaults: prune the least important fifth of (model, unit) pairs, mild weighting, plain λ.
 HILA_DEFAULTS: Mapping[str, float] = {"q": 0.2, "T": 1.0, "lambda": 1.0}
@@ -89,7 +103,7 @@ def hila_coefficients(
 
 @dataclass(frozen=True)
 class HilaMerge:
-    """HILA bound to one importance table; :meth:`for_tensor` gives each tensor's MergeFn.
+    """HILA over one importance table: a :data:`~optimizer.merge._registry.MergeFn`.
 
     ``models`` is the plan's model order (the merge fn receives deltas by position, not name).
     Options read: ``q``, ``T``, ``lambda``.
@@ -130,105 +144,83 @@ class HilaMerge:
             self._tables[key] = hila_coefficients(self.importance, self.models, names, q=key[0], T=key[1])
         return self._tables[key]
 
-    def for_tensor(self, name: str) -> MergeFn:
-        """The MergeFn of tensor ``name``: per-unit pruning and weights where units own slices."""
+    def __call__(
+        self,
+        name: str,
+        base: torch.Tensor,
+        deltas: Sequence[torch.Tensor],
+        params: Sequence[ModelParams],
+        options: Mapping[str, object],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Tensor ``name`` merged: per-unit pruning and weights where units own slices of it."""
+        if len(deltas) != len(self.models):
+            raise ConfigError(
+                f"hila: tensor {name!r} has {len(deltas)} models but the importance is for"
+                f" {len(self.models)} ({', '.join(self.models)}); bind hila to the plan's models, in order"
+            )
+        if not base.is_floating_point() or not deltas:
+            return base.clone()
+        lam, q, T = (number_option(options, key, HILA_DEFAULTS[key], "hila") for key in ("lambda", "q", "T"))
+        work = work_dtype(base)
+        b = base.to(work)
+        scaled = [tau.to(work) * p.weight for tau, p in zip(deltas, params, strict=True)]
+        merged = b + (lam / len(scaled)) * torch.stack(scaled).sum(0)  # units overwrite their slices below
         slices = self._by_tensor.get(name, [])
-
-        def merge(
-            base: torch.Tensor,
-            deltas: Sequence[torch.Tensor],
-            params: Sequence[ModelParams],
-            options: Mapping[str, object],
-            generator: torch.Generator,
-        ) -> torch.Tensor:
-            if len(deltas) != len(self.models):
-                raise ConfigError(
-                    f"hila: tensor {name!r} has {len(deltas)} models but the importance is for"
-                    f" {len(self.models)} ({', '.join(self.models)}); bind hila to the plan's models, in order"
-                )
-            if not base.is_floating_point() or not deltas:
-                return base.clone()
-            lam, q, T = _option(options, "lambda"), _option(options, "q"), _option(options, "T")
-            work = work_dtype(base)
-            b = base.to(work)
-            scaled = [tau.to(work) * p.weight for tau, p in zip(deltas, params, strict=True)]
-            merged = b + (lam / len(scaled)) * torch.stack(scaled).sum(0)  # units overwrite their slices below
-            if slices:
-                table = self.coefficients(q, T)
-                for unit, s in slices:
-                    if base.dim() <= s.dim or base.shape[s.dim] < s.stop:
-                        raise ConfigError(
-                            f"hila: unit {unit} owns [{s.start}, {s.stop}) of dim {s.dim} of {name!r}, which has"
-                            f" shape {tuple(base.shape)}; the units come from another model's config.json"
-                        )
-                    idx = s.index()
-                    step = torch.zeros_like(b[idx])
-                    for c, tau in zip(table[unit], scaled, strict=True):
-                        if c:
-                            step.add_(tau[idx], alpha=c)
-                    merged[idx] = b[idx] + lam * step
-            return merged.to(base.dtype)
-
-        return merge
-
-    def __call__(
-        self,
-        base: torch.Tensor,
-        deltas: Sequence[torch.Tensor],
-        params: Sequence[ModelParams],
-        options: Mapping[str, object],
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        raise ConfigError("hila needs the tensor's name to find its units: merge through HilaMerge.for_tensor(name)")
+        if slices:
+            table = self.coefficients(q, T)
+            for unit, s in slices:
+                if base.dim() <= s.dim or base.shape[s.dim] < s.stop:
+                    raise ConfigError(
+                        f"hila: unit {unit} owns [{s.start}, {s.stop}) of dim {s.dim} of {name!r}, which has"
+                        f" shape {tuple(base.shape)}; the units come from another model's config.json"
+                    )
+                idx = s.index()
+                step = torch.zeros_like(b[idx])
+                for c, tau in zip(table[unit], scaled, strict=True):
+                    if c:
+                        step.add_(tau[idx], alpha=c)
+                merged[idx] = b[idx] + lam * step
+        return merged.to(base.dtype)
 
 
-def _option(options: Mapping[str, object], key: str) -> float:
-    value = options.get(key, HILA_DEFAULTS[key])
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"hila option {key}={value!r}: must be a number")
-    return float(value)
+class ImportanceData(StudyData):
+    """Each specialist's unit importances, measured exactly on its own golden answers."""
 
+    kind = "importance"
 
-class _Unbound:
-    """The registered record's merge: HILA without importance cannot merge anything."""
+    def _golden(self, inputs: StudyInputs) -> dict[str, list[dict[str, str]]]:
+        # A model without golden answers is left out here and named by importance_exact's check.
+        return {m: rows for m in inputs.models.names if (rows := inputs.golden(m))}
 
-    def __call__(
-        self,
-        base: torch.Tensor,
-        deltas: Sequence[torch.Tensor],
-        params: Sequence[ModelParams],
-        options: Mapping[str, object],
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        raise ConfigError(
-            "hila needs each specialist's head/MLP importance measured first: generate golden data"
-            " (`mergeopt golden CONFIG`), measure importance (optimizer.analysis.importance.importance_exact"
-            " or importance_first_order) and merge with optimizer.merge.hila.hila_method(importance, units)"
-        )
+    def key(self, inputs: StudyInputs) -> object:
+        return self._golden(inputs)
+
+    def measure(self, inputs: StudyInputs) -> Measured:
+        golden = self._golden(inputs)
+        inputs.say("measuring head and MLP importance on golden data (one loss per unit and specialist)")
+        table = importance_exact(inputs.models, golden)
+        return {m: {u: torch.tensor(v, dtype=torch.float64) for u, v in row.items()} for m, row in table.items()}
+
+    def bind(self, data: Mapping[str, Mapping[str, torch.Tensor]], base: Path) -> MergeFn:
+        """From the study's data file: model → unit name → 0-d importance tensor."""
+        importance = {m: {u: float(t) for u, t in row.items()} for m, row in data.items()}
+        units = unit_slices(model_config(base), read_shapes(base))
+        return HilaMerge(importance, tuple(data), tuple(units))
 
 
 HILA = register(
     MergeMethod(
         name="hila",
-        merge=_Unbound(),
+        merge=None,
         summary="head/MLP-importance pruning and softmax weights from golden-data loss (HILA-Merging, 2026)",
         uses_weight=False,
         options=HILA_DEFAULTS,
         mergekit=None,
-        needs="importance",
-        bind=lambda data, base: _bind(data, base),
+        study_data=ImportanceData(),
         searchable=SEARCH_RANGES,
     )
 )
-
-
-def _bind(data: Mapping[str, Mapping[str, torch.Tensor]], base: Path) -> MergeMethod:
-    """From the study's data file: model → unit name → 0-d importance tensor."""
-    from optimizer.analysis.importance import unit_slices
-    from optimizer.models import load_config, read_shapes
-
-    importance = {m: {u: float(t) for u, t in row.items()} for m, row in data.items()}
-    return hila_method(importance, unit_slices(load_config(base), read_shapes(base)), models=tuple(data))
 
 
 def hila_method(
@@ -237,7 +229,7 @@ def hila_method(
     """The ``hila`` record bound to an importance table (model → unit name → Iₘ,ᵤ) and its units.
 
     ``models`` is the plan's model order; by default the table's own order (as
-    :func:`~optimizer.analysis.importance.importance_exact` writes it: the ModelSet's order).
+    :func:`~optimizer.merge.hila._importance.importance_exact` writes it: the ModelSet's order).
     """
     order = tuple(models) if models is not None else tuple(importance)
     return replace(HILA, merge=HilaMerge(importance, order, tuple(units)))

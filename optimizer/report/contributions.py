@@ -12,12 +12,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from optimizer.analysis.contributions import ContributionAnalysis
+from optimizer.merge.hi_merging import ContributionAnalysis
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["contribution_heatmap", "contribution_table"]
+__all__ = ["contribution_heatmap", "contribution_table", "write_contribution_files"]
 
 _ANNOTATE_MAX_CELLS = 200  # beyond this the numbers overlap and the colours say enough
 
@@ -65,6 +65,7 @@ def contribution_heatmap(
         for model, layer in conflicts:
             i, j = models.index(model), layers.index(layer)
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.2))
+    assert image is not None  # two panels, always drawn
     fig.colorbar(image, ax=list(axes), shrink=0.9, label="Δ own-task score vs base")
     fig.suptitle(
         title
@@ -85,8 +86,8 @@ def contribution_table(analysis: ContributionAnalysis, *, threshold: float = 0.0
         title=f"Layer contributions on {analysis.split} ({analysis.probes} probes, {analysis.seconds:.1f}s;"
         f" conflict: {_rule(threshold, margin)})"
     )
-    for name, justify in (("model", "left"), ("task", "left"), ("layer", "left")):
-        table.add_column(name, justify=justify)
+    for name in ("model", "task", "layer"):
+        table.add_column(name, justify="left")
     for name in ("α", "β", "β − α"):
         table.add_column(name, justify="right")
     table.add_column("conflict → cut back")
@@ -105,3 +106,15 @@ def _rule(threshold: float, margin: float) -> str:
     """The conflict rule as the reader should see it, with the numbers filled in."""
     first = "β < α" if margin == 0 else f"β < α − {margin:g}"
     return f"{first} and β < {threshold:g}"
+
+
+def write_contribution_files(
+    analysis: ContributionAnalysis, folder: Path, *, threshold: float = 0.0, margin: float = 0.0
+) -> tuple[Path, Path]:
+    """``contributions.json`` (the record) and ``contributions.png`` (the heatmap) in ``folder``."""
+    from optimizer.atomic import write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_text(folder / "contributions.json", analysis.to_json())
+    png = contribution_heatmap(analysis, folder / "contributions.png", threshold=threshold, margin=margin)
+    return data, png

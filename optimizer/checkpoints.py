@@ -1,0 +1,205 @@
+"""Reading model directories: safetensors only, because a pickle from a stranger can run code.
+
+The one place that opens a checkpoint: its weight files, its ``config.json``, its tensors (all of
+them, or only their shapes from the headers), and the base + task vectors every engine and
+export merges from. :class:`ModelSet` names the models a study merges.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from optimizer.errors import ConfigError, ModelError
+
+__all__ = [
+    "DTYPES",
+    "ModelSet",
+    "check_compatible",
+    "load_state_dict",
+    "load_task_vector",
+    "load_task_vectors",
+    "model_config",
+    "read_shapes",
+    "torch_dtype",
+    "weight_files",
+]
+
+#: The dtypes a config, an engine or an export may name.
+DTYPES: Mapping[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype called ``name`` (a dtype passes through); an unknown name lists the valid ones."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not known; use one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The models a study merges: the base and the specialists, by name, in a fixed order."""
+
+    base: Path
+    specialists: Mapping[str, Path]
+    # Folder of the study's measured data (``<kind>.safetensors``: RegMean's Grams, HILA's
+    # importances); engines bind the methods that need it (optimizer.merge.study_data).
+    data_dir: Path | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.specialists)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory; pickled weights are refused, not loaded."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory {str(model_dir)!r} does not exist; check the path in the config")
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+    if pickles:
+        raise ModelError(
+            f"model directory {str(model_dir)!r} holds pickled weights ({pickles[0]}); mergeopt only"
+            " reads safetensors (a pickle can run code). Convert it with transformers:"
+            " model.save_pretrained(dir, safe_serialization=True)"
+        )
+    raise ModelError(f"model directory {str(model_dir)!r} has no *.safetensors weight file")
+
+
+def model_config(model_dir: Path) -> dict:
+    """The model's ``config.json`` as a dict."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"model directory {str(model_dir)!r} has no config.json; is it a transformers model?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: config.json is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_state_dict(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory, cast to ``dtype``.
+
+    A tied head is not a tensor of its own (the embedding is the head), exactly as the checkpoint,
+    vLLM's loader and mergekit see it: merging the embedding merges the head.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        try:
+            shard = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable safetensors file ({exc}); re-export the model") from None
+        for name, tensor in shard.items():
+            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if model_config(model_dir).get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # some exporters store the tied copy too
+    return state
+
+
+def read_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers alone: validation without loading weights."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable safetensors file ({exc}); re-export the model") from None
+    if model_config(model_dir).get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _shape(x: torch.Tensor | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def check_compatible(
+    base: Mapping[str, torch.Tensor | tuple[int, ...]],
+    other: Mapping[str, torch.Tensor | tuple[int, ...]],
+    other_name: str,
+) -> None:
+    """Refuse a specialist whose tensors differ from the base, naming the first offender.
+
+    Takes tensors or bare shapes (from :func:`read_shapes`), so configs are checked before
+    any weight is loaded.
+    """
+    for name, tensor in base.items():
+        if name not in other:
+            raise ModelError(
+                f"model {other_name!r} lacks tensor {name!r} that the base has; all models must be"
+                " fine-tunes of the same base architecture"
+            )
+        if _shape(other[name]) != _shape(tensor):
+            raise ModelError(
+                f"model {other_name!r}: tensor {name!r} has shape {_shape(other[name])}, the base"
+                f" has {_shape(tensor)}; all models must be fine-tunes of the same base"
+            )
+    extra = sorted(set(other) - set(base))
+    if extra:
+        raise ModelError(
+            f"model {other_name!r} has tensor {extra[0]!r} that the base lacks; all models must be"
+            " fine-tunes of the same base architecture"
+        )
+
+
+def load_task_vector(
+    base: Mapping[str, torch.Tensor],
+    model_dir: Path,
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """τ = θ − θ₀ of one specialist, for every tensor of ``base`` (on ``base``'s devices).
+
+    The specialist must match ``shapes`` (the whole base's; by default ``base``'s own tensors).
+    Its checkpoint is freed tensor by tensor as the deltas are formed, so loading N specialists
+    never holds more than base + N task vectors + one checkpoint.
+    """
+    state = load_state_dict(model_dir, dtype)
+    check_compatible(
+        shapes if shapes is not None else base,
+        state if shapes is not None else {k: v for k, v in state.items() if k in base},
+        name,
+    )
+    return {k: state.pop(k).to(b.device) - b for k, b in base.items()}
+
+
+def load_task_vectors(
+    models: ModelSet,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    keep: Container[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """The base and every specialist's task vector, per tensor in ``models`` order: what a merge reads.
+
+    Computed once per engine (never per trial), one specialist at a time. ``keep`` restricts the
+    tensors to those an engine actually owns (a tied head appears once, as the embedding); every
+    specialist is still checked against the whole base.
+    """
+    state = load_state_dict(models.base, dtype)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    base = {k: v.to(device) for k, v in state.items() if keep is None or k in keep}
+    del state
+    deltas: dict[str, list[torch.Tensor]] = {k: [] for k in base}
+    for name, path in models.specialists.items():
+        for k, tau in load_task_vector(base, path, name, dtype=dtype, shapes=shapes).items():
+            deltas[k].append(tau)
+    return base, deltas

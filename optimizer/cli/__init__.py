@@ -1,0 +1,47 @@
+"""The ``mergeopt`` command line: commands that parse their arguments, call the library and print.
+
+One module per group of commands (``search``: search, worker, demo; ``study``: pareto, report,
+pick, export, status; ``analyze``: analyze contributions, golden; ``zoo``: zoo build). Commands
+import their heavy dependencies (torch, transformers, optuna) only when they run, so
+``mergeopt --help`` is instant. Every user mistake surfaces as a :class:`MergeoptError` and is
+printed here as one line on stderr with exit code 2. Nothing outside this package imports it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from optimizer.cli import analyze, search, study, zoo
+from optimizer.errors import MergeoptError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="mergeopt",
+    help="Search merge coefficients of fine-tuned LLMs with Optuna, merging inside the engine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(search.search)
+app.command()(study.pareto)
+app.command()(study.export)
+app.command()(study.report)
+app.command()(study.pick)
+app.add_typer(zoo.zoo_app, name="zoo")
+app.command()(search.demo)
+app.command()(search.worker)
+app.command()(study.status)
+app.add_typer(analyze.analyze_app, name="analyze")
+app.command()(analyze.golden)
+
+
+def main() -> None:
+    """Console entry point: user errors → one line on stderr, exit code 2."""
+    try:
+        app()
+    except MergeoptError as exc:
+        print(f"mergeopt: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,27 @@
+"""``mergeopt zoo build``: the embedded model zoo, trained here (or found in the cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from optimizer.cli._common import console, print_zoo
+
+zoo_app = typer.Typer(help="The embedded model zoo: a tiny base and specialists trained here.", no_args_is_help=True)
+
+
+@zoo_app.command("build")
+def build(
+    out: Annotated[Path | None, typer.Option(help="zoo folder (default: the shared cache)")] = None,
+    seed: int = 0,
+    force: Annotated[bool, typer.Option(help="rebuild even if a complete zoo is cached")] = False,
+) -> None:
+    """Train (or load from cache) the tiny base model and its specialists."""
+    from optimizer.zoo import build_zoo, default_zoo_dir
+
+    shown = console()
+    target = out or default_zoo_dir(seed=seed)
+    info = build_zoo(target, seed=seed, force=force, log=lambda line: shown.print(line, highlight=False))
+    print_zoo(info, target)
