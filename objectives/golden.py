@@ -185,7 +185,10 @@ def generate_golden(
         limit = max_tokens if max_tokens is not None else obj.max_tokens
         if limit < 1:
             raise ConfigError(f"golden max_tokens={limit}: must be a positive number of tokens")
-        prompts = {split: [str(ex[obj.prompt_field]) for ex in task.examples(split)] for split in SPLITS}
+        # The prompts as the task renders them (template, shots, chat template, BOS): the golden
+        # answers are what the specialist says to exactly what a trial asks.
+        fmt = task.metric.format
+        prompts = {split: [fmt.prompt(ex) for ex in task.examples(split)] for split in SPLITS}
         key = {
             "format": FORMAT_VERSION,
             "specialist": model,
@@ -209,8 +212,8 @@ def generate_golden(
             rows = []
             for ex, prompt, answer in zip(task.examples(split), prompts[split], answers, strict=True):
                 row: dict[str, object] = {"prompt": prompt, "target": answer}
-                if obj.target_field in ex:
-                    row["original_target"] = ex[obj.target_field]
+                if obj.target_template is not None or obj.target_field in ex:
+                    row["original_target"] = fmt.target(ex)
                 rows.append(row)
             text = _jsonl(rows)
             write_text(task_dir / f"{split}.jsonl", text)

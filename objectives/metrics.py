@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from objectives.formats import PromptFormat, Verdict
 from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood
 
 __all__ = [
@@ -59,6 +60,8 @@ class Metric(ABC):
     name: str
     direction: str = "maximize"
     required_fields: tuple[str, ...] = ()
+    #: Renders each row's prompt and target (:mod:`objectives.formats`).
+    format: PromptFormat
     #: Each example scores 0 or 1 (a hit rate), so a partial score has a binomial error.
     binary: bool = False
 
@@ -78,31 +81,32 @@ class Metric(ABC):
         return self.finish(examples, engine.loglikelihood(request))
 
 
-def normalize_answer(text: str) -> str:
-    """Exact match compares stripped text: trailing spaces are not a skill."""
-    return text.strip()
-
-
 class ExactMatch(Metric):
-    """Greedy generation until a stop string; 1 if it equals the target, else 0."""
+    """Greedy generation until a stop string; 1 if the answer matches the target (:class:`Verdict`), else 0."""
 
     name = "exact_match"
     binary = True
 
-    def __init__(self, *, prompt_field: str, target_field: str, stop: Sequence[str], max_tokens: int):
-        self.prompt_field, self.target_field = prompt_field, target_field
+    def __init__(
+        self,
+        *,
+        prompt_field: str = "prompt",
+        target_field: str = "target",
+        stop: Sequence[str] = ("\n",),
+        max_tokens: int = 32,
+        format: PromptFormat | None = None,
+        verdict: Verdict | None = None,
+    ):
+        self.format = format or PromptFormat(prompt_field, target_field)
+        self.verdict = verdict or Verdict()
         self.stop, self.max_tokens = list(stop), max_tokens
-        self.required_fields = (prompt_field, target_field)
+        self.required_fields = self.format.columns()
 
     def requests(self, examples: Sequence[dict]) -> GenerateBatch:
-        prompts = [str(ex[self.prompt_field]) for ex in examples]
-        return GenerateBatch(prompts, self.max_tokens, self.stop)
+        return GenerateBatch([self.format.prompt(ex) for ex in examples], self.max_tokens, self.stop)
 
     def finish(self, examples: Sequence[dict], outputs: Sequence[str]) -> MetricResult:
-        hits = [
-            float(normalize_answer(out) == normalize_answer(str(ex[self.target_field])))
-            for out, ex in zip(outputs, examples, strict=True)
-        ]
+        hits = [float(self.verdict(out, self.format.target(ex))) for out, ex in zip(outputs, examples, strict=True)]
         return MetricResult(sum(hits) / len(hits), hits)
 
 
@@ -116,25 +120,33 @@ class MultipleChoice(Metric):
     name = "mc_loglik"
     binary = True
 
-    def __init__(self, *, prompt_field: str, target_field: str, choices_field: str):
-        self.prompt_field, self.target_field, self.choices_field = prompt_field, target_field, choices_field
-        self.required_fields = (prompt_field, target_field, choices_field)
+    def __init__(
+        self,
+        *,
+        prompt_field: str = "prompt",
+        target_field: str = "target",
+        choices_field: str = "choices",
+        format: PromptFormat | None = None,
+    ):
+        self.format = format or PromptFormat(prompt_field, target_field)
+        self.choices_field = choices_field
+        self.required_fields = (*self.format.columns(), choices_field)
 
     def _gold(self, ex: dict) -> int:
-        target, choices = ex[self.target_field], list(ex[self.choices_field])
-        if isinstance(target, int):
+        choices = [str(c) for c in ex[self.choices_field]]
+        target = ex[self.format.target_field] if self.format.target_template is None else self.format.target(ex)
+        if isinstance(target, int) and not isinstance(target, bool):
             return target
         return choices.index(str(target)) if str(target) in choices else int(target)
 
     def requests(self, examples: Sequence[dict]) -> list[tuple[str, str]]:
-        return [(str(ex[self.prompt_field]), " " + str(choice)) for ex in examples for choice in ex[self.choices_field]]
+        return [(self.format.prompt(ex), " " + str(choice)) for ex in examples for choice in ex[self.choices_field]]
 
     def finish(self, examples: Sequence[dict], outputs: Sequence[LogLikelihood]) -> MetricResult:
         owners = [i for i, ex in enumerate(examples) for _ in ex[self.choices_field]]
-        lls = outputs
         best: dict[int, tuple[float, int]] = {}
         counters: dict[int, int] = {}
-        for owner, ll in zip(owners, lls, strict=True):
+        for owner, ll in zip(owners, outputs, strict=True):
             k = counters.get(owner, 0)
             counters[owner] = k + 1
             if owner not in best or ll.logprob > best[owner][0]:
@@ -149,19 +161,20 @@ class GoldenNLL(Metric):
     name = "nll"
     direction = "minimize"
 
-    def __init__(self, *, prompt_field: str, target_field: str):
-        self.prompt_field, self.target_field = prompt_field, target_field
-        self.required_fields = (prompt_field, target_field)
+    def __init__(
+        self, *, prompt_field: str = "prompt", target_field: str = "target", format: PromptFormat | None = None
+    ):
+        self.format = format or PromptFormat(prompt_field, target_field)
+        self.required_fields = self.format.columns()
 
     def requests(self, examples: Sequence[dict]) -> list[tuple[str, str]]:
-        return [(str(ex[self.prompt_field]), str(ex[self.target_field])) for ex in examples]
+        return [(self.format.prompt(ex), self.format.target(ex)) for ex in examples]
 
     def finish(self, examples: Sequence[dict], outputs: Sequence[LogLikelihood]) -> MetricResult:
-        lls = outputs
-        per = [-ll.logprob / max(ll.num_tokens, 1) for ll in lls]
-        total_tokens = sum(ll.num_tokens for ll in lls)
-        value = -sum(ll.logprob for ll in lls) / max(total_tokens, 1)
-        weights = [float(max(ll.num_tokens, 1)) for ll in lls]
+        per = [-ll.logprob / max(ll.num_tokens, 1) for ll in outputs]
+        total_tokens = sum(ll.num_tokens for ll in outputs)
+        value = -sum(ll.logprob for ll in outputs) / max(total_tokens, 1)
+        weights = [float(max(ll.num_tokens, 1)) for ll in outputs]
         return MetricResult(value if math.isfinite(value) else math.inf, per, weights)
 
 
@@ -176,14 +189,21 @@ def make_metric(
     choices_field: str = "choices",
     stop: Sequence[str] = ("\n",),
     max_tokens: int = 32,
+    format: PromptFormat | None = None,
+    verdict: Verdict | None = None,
 ) -> Metric:
-    """The metric called ``name`` (the config has already restricted it to :data:`METRICS`)."""
+    """The metric called ``name`` (the config has already restricted it to :data:`METRICS`).
+
+    ``format`` renders each row's prompt and target (default: the two columns as they are);
+    ``verdict`` judges exact-match answers (default: stripped equality).
+    """
+    format = format or PromptFormat(prompt_field, target_field)
     if name == "exact_match":
-        return ExactMatch(prompt_field=prompt_field, target_field=target_field, stop=stop, max_tokens=max_tokens)
+        return ExactMatch(stop=stop, max_tokens=max_tokens, format=format, verdict=verdict)
     if name == "mc_loglik":
-        return MultipleChoice(prompt_field=prompt_field, target_field=target_field, choices_field=choices_field)
+        return MultipleChoice(choices_field=choices_field, format=format)
     if name == "nll":
-        return GoldenNLL(prompt_field=prompt_field, target_field=target_field)
+        return GoldenNLL(format=format)
     from optimizer.errors import ConfigError
 
     raise ConfigError(f"unknown metric {name!r}; choose one of: {', '.join(METRICS)}")

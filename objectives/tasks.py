@@ -1,20 +1,26 @@
 """A task = its examples (search and held-out splits) + the metric that scores them.
 
-Tasks are built from the config before any study file is written, so a missing file, an empty
-split or a missing column stops the run with one line instead of failing trial after trial.
+Tasks are built from the config before any study file is written, and every prompt and target is
+rendered then (templates, shots, chat template: :mod:`objectives.formats`), so a missing file, an
+empty split, a missing column, a template naming a field a row lacks, too few examples for the
+shots or a target that can never match stops the run with one line instead of failing trial
+after trial.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from objectives.data import load_split
-from objectives.metrics import Metric, MetricResult, make_metric, score_together
-from optimizer.config import StudyConfig
+from objectives.formats import PromptFormat, Verdict
+from objectives.metrics import ExactMatch, Metric, MetricResult, make_metric, score_together
+from optimizer.config import ObjectiveConfig, StudyConfig
 from optimizer.engines.base import Engine
-from optimizer.errors import DataError
+from optimizer.errors import ConfigError, DataError, ModelError
+from optimizer.tokens import TokenizerInfo, tokenizer_info
 
 __all__ = ["Task", "load_tasks", "score_tasks"]
 
@@ -57,22 +63,109 @@ def _check_fields(rows: Sequence[dict], fields: Sequence[str], where: str) -> No
         )
 
 
+class _BaseTokenizer:
+    """The base model's tokenizer, loaded once for all objectives (BOS rule, chat template)."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self._tokenizer: Any = None
+
+    def get(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.base))
+            except (OSError, ValueError) as exc:
+                raise ModelError(
+                    f"base model {str(self.base)!r}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]});"
+                    " mergeopt builds prompts with the base's tokenizer: save it beside the weights"
+                ) from None
+        return self._tokenizer
+
+    def info(self) -> TokenizerInfo:
+        return tokenizer_info(self.get())
+
+    def chat(self, where: str) -> Callable[[list[dict[str, str]]], str]:
+        tokenizer = self.get()
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"{where}: chat: true, but the base's tokenizer ({self.base}) has no chat template; set"
+                " chat: false and write the prompt with prompt_template, or add a chat_template to its"
+                " tokenizer_config.json"
+            )
+
+        def render(messages: list[dict[str, str]]) -> str:
+            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+        return render
+
+
+def _format(obj: ObjectiveConfig, search: list[dict], seed: int, tokenizer: _BaseTokenizer) -> PromptFormat:
+    where = f"objective {obj.name!r}"
+    info = tokenizer.info()
+    if obj.add_bos and info.bos_token is None:
+        raise ConfigError(f"{where}: add_bos: true, but the base's tokenizer has no BOS token; remove add_bos")
+    return PromptFormat(
+        prompt_field=obj.prompt_field,
+        target_field=obj.target_field,
+        prompt_template=obj.prompt_template,
+        target_template=obj.target_template,
+        use_chat=obj.chat,
+        system=obj.system,
+        fewshot=obj.fewshot,
+        fewshot_pool=search,
+        seed=seed,
+        add_bos=obj.add_bos,
+        tokenizer=info,
+        chat=tokenizer.chat(where) if obj.chat else None,
+        where=where,
+    )
+
+
+def _check_rows(obj: ObjectiveConfig, metric: Metric, rows: Sequence[dict], where: str) -> None:
+    """Render every prompt and target once: every template and shot problem surfaces here, with its row."""
+    fmt = metric.format
+    if obj.fewshot and len(fmt.fewshot_pool) <= obj.fewshot:
+        raise DataError(
+            f"{where}: fewshot {obj.fewshot} needs at least {obj.fewshot + 1} search examples (the shots and the"
+            f" question), the search split has {len(fmt.fewshot_pool)}; lower fewshot or add search examples"
+        )
+    for i, row in enumerate(rows):
+        try:
+            fmt.prompt(row)
+            target = fmt.target(row)
+        except DataError as exc:
+            raise DataError(f"{exc} (row {i} of {where})") from None
+        if isinstance(metric, ExactMatch):
+            normed = metric.verdict.norm(target)
+            for stop in metric.stop:
+                if stop and stop in normed:
+                    raise DataError(
+                        f"{where}, row {i}: the target {target!r} contains the stop string {stop!r}, so an answer"
+                        " (cut before it) can never match; change the objective's stop or the target"
+                    )
+
+
 def load_tasks(config: StudyConfig) -> list[Task]:
-    """Load and check every objective's data."""
+    """Load and check every objective's data, and render every prompt once."""
+    tokenizer = _BaseTokenizer(config.path(config.base))
     tasks = []
     for obj in config.objectives:
-        metric = make_metric(
-            obj.metric,
-            prompt_field=obj.prompt_field,
-            target_field=obj.target_field,
-            choices_field=obj.choices_field,
-            stop=obj.stop,
-            max_tokens=obj.max_tokens,
-        )
         path: Path = config.path(obj.data)
         search = load_split(path, obj.search_split)[: obj.limit]
         held_out = load_split(path, obj.held_out_split)[: obj.held_out_limit]
+        metric = make_metric(
+            obj.metric,
+            choices_field=obj.choices_field,
+            stop=obj.stop,
+            max_tokens=obj.max_tokens,
+            format=_format(obj, search, config.search.seed, tokenizer),
+            verdict=Verdict(obj.extract, tuple(obj.normalize)),
+        )
         for rows, split in ((search, obj.search_split), (held_out, obj.held_out_split)):
-            _check_fields(rows, metric.required_fields, f"objective {obj.name!r}, {path} [{split}]")
+            where = f"objective {obj.name!r}, {path} [{split}]"
+            _check_fields(rows, metric.required_fields, where)
+            _check_rows(obj, metric, rows, where)
         tasks.append(Task(obj.name, metric, search, held_out))
     return tasks

@@ -1,7 +1,8 @@
 """The study config: one YAML file, validated once, before anything is written.
 
 Paths in the file are relative to the file itself; ``zoo:`` paths point into the embedded model
-zoo (``zoo:base``, ``zoo:specialists/rev``, ``zoo:tasks/rev``), so the demo config runs anywhere.
+zoo (``zoo:base``, ``zoo:specialists/rev``, ``zoo:tasks/rev``) and ``real-zoo:`` paths into the
+real-model zoo, so the shipped configs run anywhere.
 Every validation failure becomes one :class:`ConfigError` line that names the field, the value
 and the fix; pydantic's multi-line reports never reach the user.
 """
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+#: Normalizers exact match applies, in the listed order (objectives/formats.py).
+Normalizer = Literal["strip", "lower", "punctuation", "whitespace"]
 
 
 class _Strict(BaseModel):
@@ -71,6 +74,15 @@ class ObjectiveConfig(_Strict):
     # The model whose skill this task measures (normalized gain's reference); default: the model
     # with the task's name, else the specialist that scores best on it.
     specialist: str | None = None
+    # How rows become prompts and answers are judged (objectives/formats.py).
+    chat: bool = False  # wrap each prompt in the base tokenizer's chat template
+    system: str | None = None  # the chat's system message
+    prompt_template: str | None = None  # Jinja over a row's fields, instead of prompt_field
+    target_template: str | None = None  # Jinja over a row's fields, instead of target_field
+    fewshot: int = Field(default=0, ge=0)  # solved search examples before each question
+    extract: str | None = None  # regex finding the answer in the output (first group, else the match)
+    normalize: list[Normalizer] = Field(default_factory=lambda: list[Normalizer](["strip"]))
+    add_bos: bool | None = None  # force the beginning-of-sequence token on or off (default: the tokenizer's rule)
 
     @field_validator("name")
     @classmethod
@@ -78,6 +90,24 @@ class ObjectiveConfig(_Strict):
         if not _NAME_RE.match(v):
             raise ValueError(f"{v!r} is not a valid objective name; use letters, digits, '_' or '-'")
         return v
+
+    @field_validator("extract")
+    @classmethod
+    def _extract(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"{v!r} is not a valid regex ({exc}); fix the pattern") from None
+        return v
+
+    @model_validator(mode="after")
+    def _format(self) -> ObjectiveConfig:
+        if self.system is not None and not self.chat:
+            raise ValueError("system is a chat message; set chat: true, or put the text in the prompt_template")
+        if self.extract is not None and self.metric != "exact_match":
+            raise ValueError(f"extract judges generated answers; metric {self.metric!r} generates none")
+        return self
 
 
 class HiMergingConfig(_Strict):
@@ -261,11 +291,16 @@ def stated_specialist(objective: ObjectiveConfig, models: Sequence[str]) -> str 
 
 
 def resolve_path(value: str, root: Path) -> Path:
-    """``zoo:rel`` → inside the embedded zoo; relative paths → against ``root``."""
+    """``zoo:rel`` → inside the tiny zoo, ``real-zoo:rel`` → inside the real-model zoo; relative
+    paths → against ``root``."""
     if value.startswith("zoo:"):
-        from optimizer.zoo import default_zoo_dir
+        from optimizer.zoo.build import default_zoo_dir
 
         return (default_zoo_dir() / value[4:]).resolve()
+    if value.startswith("real-zoo:"):
+        from optimizer.zoo.real import default_real_zoo_dir
+
+        return (default_real_zoo_dir() / value[len("real-zoo:") :]).resolve()
     p = Path(value).expanduser()
     return (p if p.is_absolute() else root / p).resolve()
 

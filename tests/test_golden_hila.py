@@ -121,12 +121,16 @@ def units(prepared):
 @pytest.mark.parametrize("split", ["search", "held_out"])
 def test_golden_rev_is_what_the_rev_specialist_generates(golden_dir, prepared, engine, split):
     rows = load_split(golden_task_dir(golden_dir, "rev"), split)
-    source = next(t for t in prepared.tasks if t.name == "rev").examples(split)
-    assert [r["prompt"] for r in rows] == [ex["prompt"] for ex in source]
+    task = next(t for t in prepared.tasks if t.name == "rev")
+    source = task.examples(split)
+    # The prompts as a trial sends them (rendered: here the zoo tokenizer's BOS, then the column).
+    prompts = [task.metric.format.prompt(ex) for ex in source]
+    assert prompts == ["<s>" + ex["prompt"] for ex in source]
+    assert [r["prompt"] for r in rows] == prompts
     assert [r["original_target"] for r in rows] == [ex["target"] for ex in source]
 
     engine.apply_plan(one_hot(prepared.models.names, "rev"))
-    direct = engine.generate([ex["prompt"] for ex in source], max_tokens=14, stop=["\n"])
+    direct = engine.generate(prompts, max_tokens=14, stop=["\n"])
     assert [r["target"] for r in rows] == direct
     # The zoo's rev specialist is perfect on held-out data: its answers are the right ones too.
     assert sum(r["target"] == r["original_target"] for r in rows) >= 0.9 * len(rows)

@@ -136,9 +136,11 @@ def _check_recovered(study: optuna.Study, target: int, killed: int) -> None:
 def test_three_workers_on_postgresql_one_killed(zoo, tmp_path: Path, postgres_server: PostgresServer) -> None:  # noqa: F811
     """Two `search`es race to create a new study, a `worker` joins; one search is SIGKILLed mid-trial."""
     url = postgres_server.create_database(f"w_{uuid.uuid4().hex[:12]}")
-    # Enough trials, each slow enough, that the late worker joins long before the searches finish.
+    # Enough trials, each slow enough, that the late worker joins long before the searches finish
+    # (a worker needs ~7 s to start here: Python, the tokenizer, the engine; a trial on 40 examples
+    # per task takes the two searches ~0.5 s).
     target = 48
-    write_config(tmp_path / "s.yaml", zoo_config("pg", limit=12, storage=url, search={"trials": target, "seed": 0}))
+    write_config(tmp_path / "s.yaml", zoo_config("pg", limit=40, storage=url, search={"trials": target, "seed": 0}))
     a = _spawn(tmp_path, "a.log", "search", "s.yaml")
     b = _spawn(tmp_path, "b.log", "search", "s.yaml")
     try:

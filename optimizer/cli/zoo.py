@@ -17,11 +17,21 @@ def build(
     out: Annotated[Path | None, typer.Option(help="zoo folder (default: the shared cache)")] = None,
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="rebuild even if a complete zoo is cached")] = False,
+    real: Annotated[
+        bool, typer.Option("--real", help="the real-model zoo: SmolLM2-135M-Instruct and chat specialists (~15 min)")
+    ] = False,
 ) -> None:
-    """Train (or load from cache) the tiny base model and its specialists."""
-    from optimizer.zoo import build_zoo, default_zoo_dir
-
+    """Train (or load from cache) a base model and its specialists: the tiny zoo, or with --real a real LLM's."""
     shown = console()
-    target = out or default_zoo_dir(seed=seed)
-    info = build_zoo(target, seed=seed, force=force, log=lambda line: shown.print(line, highlight=False))
+    say = lambda line: shown.print(line, highlight=False)  # noqa: E731
+    if real:
+        from optimizer.zoo.real import build_real_zoo, default_real_zoo_dir
+
+        target = out or default_real_zoo_dir(seed=seed)
+        info = build_real_zoo(target, seed=seed, force=force, log=say)
+    else:
+        from optimizer.zoo import build_zoo, default_zoo_dir
+
+        target = out or default_zoo_dir(seed=seed)
+        info = build_zoo(target, seed=seed, force=force, log=say)
     print_zoo(info, target)

@@ -25,10 +25,13 @@ def greedy_generate(
     max_new_tokens: int,
     stop: str | None = "\n",
     batch_size: int = 64,
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """The greedy completion of each prompt, in input order, truncated at the first ``stop``.
 
-    Prompts are tokenized as the tokenizer does by default (with its BOS, as vLLM does too).
+    Prompts are tokenized as the tokenizer does by default (with its BOS), or, with
+    ``add_special_tokens=False``, exactly as written (what the engines do: a prompt's text carries
+    its own BOS, see :mod:`optimizer.tokens`).
     Batches hold prompts of similar length, which keeps padding, and so the work and any padding
     sensitivity of the numerics, small. Generation ends early once every row has emitted EOS or a
     token that is exactly ``stop``; a stop string spanning several tokens is still honoured, by
@@ -47,7 +50,7 @@ def greedy_generate(
         raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     eos_ids = _stop_token_ids(model, tokenizer, stop)
 
-    encoded = tokenizer(list(prompts))["input_ids"]
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device

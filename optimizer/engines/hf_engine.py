@@ -77,6 +77,7 @@ class HFEngine(Engine):
             # One stop string lets decoding end early; several are cut afterwards.
             stop=stop[0] if len(stop) == 1 else None,
             batch_size=self.batch_size,
+            add_special_tokens=False,  # the prompt's text carries its own BOS (optimizer.tokens)
         )
         return [_cut_at_stop(text, stop) for text in outputs]
 

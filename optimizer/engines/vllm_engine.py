@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from optimizer.checkpoints import ModelSet
 from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood
 from optimizer.errors import ConfigError
 from optimizer.merge.plan import MergePlan
-from optimizer.tokens import encode_pair
+from optimizer.tokens import encode, encode_pair
 
 __all__ = ["VLLMEngine"]
 
@@ -89,17 +90,21 @@ class VLLMEngine(Engine):
         self.last_merge_seconds = max(r["seconds"] for r in results)
 
     def generate(self, prompts: Sequence[str], *, max_tokens: int, stop: Sequence[str]) -> list[str]:
-        params = self._sampling(temperature=0.0, max_tokens=max_tokens, stop=list(stop) or None)
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
+        return self.generate_batches([GenerateBatch(prompts, max_tokens, stop)])[0]
+
+    def _tokens(self, prompt: str) -> Any:
+        """Exactly the prompt's text as tokens (no BOS added: the text carries its own)."""
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=encode(self.tokenizer, prompt))
 
     def generate_batches(self, batches: Sequence[GenerateBatch]) -> list[list[str]]:
         """Every batch in one ``generate``: one SamplingParams per prompt, shared decode steps."""
-        prompts: list[str] = []
+        prompts: list[Any] = []
         params = []
         for batch in batches:
             p = self._sampling(temperature=0.0, max_tokens=batch.max_tokens, stop=list(batch.stop) or None)
-            prompts += list(batch.prompts)
+            prompts += [self._tokens(text) for text in batch.prompts]
             params += [p] * len(batch.prompts)
         if not prompts:
             return [[] for _ in batches]

@@ -49,13 +49,14 @@ class _Inputs:
         return own or list(self.tasks.values())
 
     def texts(self, model: str) -> list[str]:
+        """Each search example's prompt as the task renders it, followed by its answer where it
+        has a text one (a multiple-choice index is not text the model would write)."""
         out = []
         for task in self._own(model):
-            prompt = getattr(task.metric, "prompt_field", "prompt")
-            target = getattr(task.metric, "target_field", "target")
+            fmt = task.metric.format
             for ex in task.search:
-                tail = ex.get(target)
-                out.append(str(ex.get(prompt, "")) + (str(tail) if isinstance(tail, str) else ""))
+                tail = ex.get(fmt.target_field) if fmt.target_template is None else fmt.target(ex)
+                out.append(fmt.prompt(ex) + (tail if isinstance(tail, str) else ""))
         return out
 
     def golden(self, model: str) -> list[dict[str, str]]:

@@ -35,7 +35,15 @@ if TYPE_CHECKING:
 
     from optimizer.zoo._train import Recipe
 
-__all__ = ["MIN_SPECIALIST_GAIN", "MIN_TA_LOSS", "ZOO_VERSION", "build_zoo", "default_zoo_dir", "load_zoo"]
+__all__ = [
+    "MIN_SPECIALIST_GAIN",
+    "MIN_TA_LOSS",
+    "ZOO_VERSION",
+    "build_zoo",
+    "cached_build",
+    "default_zoo_dir",
+    "load_zoo",
+]
 
 #: Bumped whenever a change to tasks, tokenizer, model or training changes the built zoo.
 ZOO_VERSION = 3
@@ -94,10 +102,38 @@ def build_zoo(
     """
     from optimizer.zoo._train import DEFAULT_RECIPE
 
-    out = Path(out).expanduser().resolve()
     recipe = _recipe or DEFAULT_RECIPE
+    return cached_build(
+        Path(out),
+        key={"zoo_version": ZOO_VERSION, "seed": seed, "recipe": recipe.to_dict()},
+        build=lambda tmp, say: _build(tmp, seed=seed, recipe=recipe, say=say),
+        force=force,
+        log=log,
+        check_criteria=check_criteria,
+        env_var="MERGEOPT_ZOO_DIR",
+    )
+
+
+def cached_build(
+    out: Path,
+    *,
+    key: Mapping[str, Any],
+    build: Callable[[Path, Callable[[str], None]], dict[str, Any]],
+    force: bool,
+    log: Callable[[str], None] | None,
+    check_criteria: bool,
+    env_var: str,
+) -> dict[str, Any]:
+    """A zoo folder made once: returned as it is when its ``zoo.json`` matches ``key``, else built.
+
+    ``build(tmp, say)`` trains and measures into a temporary folder beside ``out`` and returns the
+    ``zoo.json`` content; the folder is renamed into place only at the end (and only if no other
+    process finished first), so an interrupted build never looks complete. With
+    ``check_criteria`` a zoo that is not a merge problem raises instead of being written.
+    """
+    out = out.expanduser().resolve()
     say = log or (lambda _msg: None)
-    if not force and _matches(out, seed, recipe):
+    if not force and _matches(out, key):
         info = load_zoo(out)
         if check_criteria:
             _check(info)
@@ -106,17 +142,18 @@ def build_zoo(
     if out.exists() and not (out / _ZOO_JSON).is_file() and any(out.iterdir()):
         raise MergeoptError(
             f"zoo directory {str(out)!r} exists and is not a zoo (no {_ZOO_JSON}); refusing to replace"
-            " it. Pick an empty or new directory, or set MERGEOPT_ZOO_DIR"
+            f" it. Pick an empty or new directory, or set {env_var}"
         )
-
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(out)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
-        info = _build(tmp, seed=seed, recipe=recipe, say=say)
+        info = build(tmp, say)
+        (tmp / _ZOO_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        say(f"zoo: {_summary(info)} ({info.get('build_seconds', 0):.0f} s)")
         if check_criteria:
             _check(info)
-        if force or not _matches(out, seed, recipe):  # else another process finished first: keep theirs
+        if force or not _matches(out, key):  # else another process finished first: keep theirs
             replace_dir(tmp, out, umask_modes=True)
             say(f"zoo: written to {out}")
     finally:
@@ -124,15 +161,13 @@ def build_zoo(
     return load_zoo(out)
 
 
-def _matches(out: Path, seed: int, recipe: Recipe) -> bool:
-    """Whether ``out`` holds a complete zoo built with this version, seed and recipe."""
+def _matches(out: Path, key: Mapping[str, Any]) -> bool:
+    """Whether ``out`` holds a complete zoo built with these version, seed and recipe."""
     try:
         info = json.loads((out / _ZOO_JSON).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (
-        info.get("zoo_version") == ZOO_VERSION and info.get("seed") == seed and info.get("recipe") == recipe.to_dict()
-    )
+    return all(info.get(k) == v for k, v in key.items())
 
 
 def _check(info: Mapping[str, Any]) -> None:
@@ -182,8 +217,6 @@ def _build(tmp: Path, *, seed: int, recipe: Recipe, say: Callable[[str], None]) 
     finally:
         torch.set_num_threads(threads)
     info["build_seconds"] = round(time.perf_counter() - started, 1)
-    (tmp / _ZOO_JSON).write_text(json.dumps(info, indent=2) + "\n")
-    say(f"zoo: {_summary(info)} ({info['build_seconds']:.0f} s)")
     return info
 
 
@@ -360,5 +393,5 @@ def _summary(info: Mapping[str, Any]) -> str:
     return ", ".join(
         f"{t}: base {s['base'][t]:.2f} → specialist {s['specialists'][t][t]:.2f}, TA λ=1"
         f" {s['task_arithmetic_lambda1'][t]:.2f}"
-        for t in TASK_NAMES
+        for t in info["tasks"]
     )

@@ -140,8 +140,10 @@ def model_grams(model_dir: Path, texts: list[str], tokenizer_dir: Path) -> dict[
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    # The texts carry their own BOS (optimizer.tokens): tokenized exactly as written.
     batches = (
-        dict(tokenizer(texts[i : i + BATCH], return_tensors="pt", padding=True)) for i in range(0, len(texts), BATCH)
+        dict(tokenizer(texts[i : i + BATCH], return_tensors="pt", padding=True, add_special_tokens=False))
+        for i in range(0, len(texts), BATCH)
     )
     grams = collect_grams(model, batches)
     del model
