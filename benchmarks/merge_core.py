@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from optimizer.engines._allocator import retain_freed_memory  # noqa: E402
 from optimizer.merge import ModelParams, get_method  # noqa: E402
 from optimizer.merge.regmean import RegMeanMerge  # noqa: E402
 
@@ -53,6 +52,59 @@ def _time(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def measure(rows: int, cols: int, models: int, repeats: int, dev: str) -> dict:
+    """Copy bandwidth and each method's time on one ``rows × cols`` float32 tensor on ``dev``."""
+    # The engines tune the allocator this way before their first merge (freed output buffers stay
+    # mapped, so a merge does not page-fault its output in again); measure what they run.
+    allocator_tuned = False
+    if dev == "cpu":  # imported here: the engines package needs pydantic, absent on the GPU machine
+        from optimizer.engines._allocator import retain_freed_memory
+
+        allocator_tuned = retain_freed_memory()
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(rows, cols, generator=gen).to(dev)
+    deltas = [(torch.randn(rows, cols, generator=gen) * 0.01).to(dev) for _ in range(models)]
+    nbytes = base.numel() * base.element_size()
+    src, dst = torch.randn_like(base), torch.empty_like(base)
+    copy_s = _time(lambda: dst.copy_(src), repeats, dev)
+    copy_gbs = 2 * nbytes / copy_s / 1e9
+    minimal = (models + 2) * nbytes
+    params = [ModelParams(0.5 + 0.2 * i, 0.5) for i in range(models)]
+    generator = torch.Generator(device=dev).manual_seed(0)
+    table = {}
+    for name in METHODS:
+        method = get_method(name)
+        options = dict(method.options)
+        merge = method.merge
+        if name == "regmean":
+            # Grams of the layer inputs (cols × cols): measured once per study, given here.
+            grams = []
+            for _ in range(models):
+                x = torch.randn(4 * cols, cols, generator=gen).to(dev)
+                grams.append(x.T @ x / x.shape[0])
+            merge = RegMeanMerge({"model.layers.0.mlp.down_proj": grams})
+        assert merge is not None
+        tensor = "model.layers.0.mlp.down_proj.weight"
+        seconds = _time(lambda m=merge, o=options, t=tensor: m(t, base, deltas, params, o, generator), repeats, dev)
+        gbs = minimal / seconds / 1e9
+        table[name] = {
+            "seconds": round(seconds, 5),
+            "effective_GBps": round(gbs, 2),
+            "of_copy": round(gbs / copy_gbs, 3),
+        }
+        print(f"{name:18s} {seconds * 1000:8.1f} ms  {gbs:6.1f} GB/s  {gbs / copy_gbs:6.1%} of copy", flush=True)
+    return {
+        "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "CPU only (no GPU on this run)",
+        "threads": torch.get_num_threads(),
+        "allocator_retains_freed_memory": allocator_tuned,
+        "tensor": [rows, cols],
+        "dtype": "float32",
+        "models": models,
+        "copy_GBps": round(copy_gbs, 2),
+        "methods": table,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
@@ -61,61 +113,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    dev = args.device
-    # The engines tune the allocator this way before their first merge (freed output buffers stay
-    # mapped, so a merge does not page-fault its output in again); measure what they run.
-    allocator_tuned = retain_freed_memory() if dev == "cpu" else False
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(args.rows, args.cols, generator=gen).to(dev)
-    deltas = [(torch.randn(args.rows, args.cols, generator=gen) * 0.01).to(dev) for _ in range(args.models)]
-    nbytes = base.numel() * base.element_size()
-    src, dst = torch.randn_like(base), torch.empty_like(base)
-    copy_s = _time(lambda: dst.copy_(src), args.repeats, dev)
-    copy_gbs = 2 * nbytes / copy_s / 1e9
-    minimal = (args.models + 2) * nbytes
-    params = [ModelParams(0.5 + 0.2 * i, 0.5) for i in range(args.models)]
-    generator = torch.Generator(device=dev).manual_seed(0)
-    rows = {}
-    for name in METHODS:
-        method = get_method(name)
-        options = dict(method.options)
-        merge = method.merge
-        if name == "regmean":
-            # Grams of the layer inputs (cols × cols): measured once per study, given here.
-            grams = []
-            for _ in range(args.models):
-                x = torch.randn(4 * args.cols, args.cols, generator=gen).to(dev)
-                grams.append(x.T @ x / x.shape[0])
-            merge = RegMeanMerge({"model.layers.0.mlp.down_proj": grams})
-        assert merge is not None
-        tensor = "model.layers.0.mlp.down_proj.weight"
-        seconds = _time(
-            lambda m=merge, o=options, t=tensor: m(t, base, deltas, params, o, generator), args.repeats, dev
-        )
-        gbs = minimal / seconds / 1e9
-        rows[name] = {
-            "seconds": round(seconds, 5),
-            "effective_GBps": round(gbs, 2),
-            "of_copy": round(gbs / copy_gbs, 3),
-        }
-        print(f"{name:18s} {seconds * 1000:8.1f} ms  {gbs:6.1f} GB/s  {gbs / copy_gbs:6.1%} of copy", flush=True)
+    result = measure(args.rows, args.cols, args.models, args.repeats, args.device)
     out = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
-        "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "CPU only (no GPU on this run)",
-        "threads": torch.get_num_threads(),
-        "allocator_retains_freed_memory": allocator_tuned,
-        "tensor": [args.rows, args.cols],
-        "dtype": "float32",
-        "models": args.models,
-        "copy_GBps": round(copy_gbs, 2),
-        "methods": rows,
+        **result,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "" if dev == "cpu" else "-gpu"
+    suffix = "" if args.device == "cpu" else "-gpu"
     path = RESULTS / f"merge_core{suffix}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"copy {copy_gbs:.1f} GB/s; wrote {path}")
+    print(f"copy {result['copy_GBps']:.1f} GB/s; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,37 @@ def read_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class CheckpointReader:
+    """A model directory's tensors read one at a time, for work that must not hold a whole model.
+
+    Opens every safetensors file once (memory-mapped) and reads a tensor only when asked; a tied
+    head is left out, as :func:`load_state_dict` leaves it.
+    """
+
+    def __init__(self, model_dir: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self._where: dict[str, object] = {}
+        for path in weight_files(model_dir):
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise ModelError(f"{path}: not a readable safetensors file ({exc}); re-export the model") from None
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+                self._where[name] = handle
+        if model_config(model_dir).get("tie_word_embeddings"):
+            self._where.pop("lm_head.weight", None)
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._where)
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor, floating ones cast to ``dtype``."""
+        tensor = self._where[name].get_tensor(name)  # type: ignore[attr-defined]
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 def _shape(x: torch.Tensor | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
 

@@ -27,6 +27,7 @@ __all__ = [
     "ObjectiveConfig",
     "SearchConfig",
     "StudyConfig",
+    "VllmConfig",
     "config_from_dict",
     "load_config",
     "resolve_path",
@@ -138,6 +139,21 @@ class EarlyRejectionConfig(_Strict):
         return v
 
 
+class VllmConfig(_Strict):
+    """What ``engine: vllm`` passes to vLLM (``vllm:`` in the study config); unset: vLLM's defaults."""
+
+    # Share of each GPU's memory vLLM may take for weights and KV cache.
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    # Skip torch.compile and graph capture: on the real zoo's CPU runs the engine starts in about
+    # half the time and scores ~8 % slower (benchmarks/README.md) — for short studies and tests.
+    enforce_eager: bool = False
+    # KV cache of vLLM's CPU build, in GiB (its VLLM_CPU_KVCACHE_SPACE; mergeopt's default 1).
+    cpu_kv_cache_gib: float | None = Field(default=None, gt=0.0)
+
+
 class SearchConfig(_Strict):
     """How the study searches: budget, sampler, baselines."""
 
@@ -170,6 +186,7 @@ class StudyConfig(_Strict):
     search: SearchConfig = SearchConfig()
     storage: str | None = None
     engine: Literal["vllm", "hf"] = "vllm"
+    vllm: VllmConfig = VllmConfig()
     device: str = "auto"  # hf engine only; vLLM picks its own platform
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bf16 on GPU
     # Directory the relative paths above are resolved against (the config file's folder).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import optuna
@@ -21,17 +21,28 @@ from optuna.trial import TrialState
 from safetensors import SafetensorError
 
 from optimizer.atomic import building_dir
-from optimizer.checkpoints import DTYPES, ModelSet, load_task_vectors, model_config
+from optimizer.checkpoints import (
+    DTYPES,
+    CheckpointReader,
+    ModelSet,
+    check_compatible,
+    model_config,
+    read_shapes,
+    torch_dtype,
+)
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError, MergeoptError
-from optimizer.merge import MergePlan, get_method, merge_state_dict
+from optimizer.merge import MergePlan, get_method
+from optimizer.merge._registry import MergeMethod
+from optimizer.merge.apply import merge_tensor, resolved_options
 from optimizer.merge.study_data import bind
 from optimizer.model_card import model_card
 from optimizer.search import attrs
 from optimizer.search.storage import study_url
 from optimizer.search.study import load_study, located, study_config
+from optimizer.shards import DEFAULT_MAX_SHARD_BYTES, TensorStream, write_shards
 
-__all__ = ["export_study_trial", "export_trial", "get_trial", "write_model_dir"]
+__all__ = ["base_dtype", "export_study_trial", "export_trial", "get_trial", "merged_stream", "write_model_dir"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -57,27 +68,35 @@ def _check_out_dir(out: Path) -> None:
 def write_model_dir(
     out: Path,
     base_dir: Path,
-    state: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor] | TensorStream,
     extra: dict[str, object],
     files: Mapping[str, str] | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``state`` as ``model.safetensors`` beside the base's config and tokenizer, atomically.
+    """Write ``state`` as safetensors shards beside the base's config and tokenizer, atomically.
 
-    ``files`` are further text files (name → content) written into the same directory.
+    ``state`` is a state dict or a :class:`TensorStream` (tensors made one at a time, never all
+    held at once). One shard is ``model.safetensors``; more are ``model-0000k-of-N`` with their
+    index. ``dtype`` is the weights' (default: the base's, as its ``config.json`` says); the copied
+    ``config.json`` says the dtype written. ``files`` are further text files (name → content)
+    written into the same directory.
     """
-    from safetensors.torch import save_file
-
     out = Path(out).resolve()
     _check_out_dir(out)
     try:
         with building_dir(out, umask_modes=True) as tmp:
             for item in Path(base_dir).iterdir():
-                if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and "index.json" not in item.name:
+                skip = item.name.endswith(_WEIGHT_SUFFIXES) or "index.json" in item.name or item.name == "config.json"
+                if item.is_file() and not skip:
                     shutil.copy2(item, tmp / item.name)
             config = model_config(base_dir)
-            dtype = DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
-            tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            name = dtype or base_dtype(config)
+            written = torch_dtype(name)
+            config.update({"dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            stream = state if isinstance(state, TensorStream) else TensorStream.of(state)
+            write_shards(tmp, stream, written, max_shard_bytes=max_shard_bytes)
             (tmp / "mergeopt.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
@@ -87,22 +106,59 @@ def write_model_dir(
     return out
 
 
+def base_dtype(config: Mapping[str, object]) -> str:
+    """The dtype a model's ``config.json`` names (float32 where it names none or an unknown one)."""
+    name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    return name if name in DTYPES else "float32"
+
+
+def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None = None) -> TensorStream:
+    """The merged model of ``plan`` as a stream, read from the checkpoints one tensor at a time."""
+    base = CheckpointReader(models.base)
+    specialists = [CheckpointReader(models.specialists[name]) for name in plan.models]
+    shapes = read_shapes(models.base)
+    for name in plan.models:  # the models may have changed on disk since the study scored them
+        check_compatible(shapes, read_shapes(models.specialists[name]), name)
+    method = method or get_method(plan.method)
+    options = resolved_options(method, plan)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in base.names():
+            b = base.get(name)
+            deltas = [reader.get(name) - b for reader in specialists]
+            yield name, merge_tensor(plan, name, b, deltas, method, options)
+
+    return TensorStream({name: shapes[name] for name in base.names()}, tensors())
+
+
 def export_trial(
-    study: optuna.Study, config: StudyConfig, number: int, out: Path, *, storage_arg: str | None = None
+    study: optuna.Study,
+    config: StudyConfig,
+    number: int,
+    out: Path,
+    *,
+    storage_arg: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Merge trial ``number``'s plan on the CPU and write it as an HF model directory.
 
+    Tensor by tensor: each is read from the base and the specialists, merged and written into
+    its shard, so the export holds one shard and one tensor's inputs, never a whole model.
+
     ``storage_arg`` is how the user named the study on the command line, quoted back in the
-    model card's reproduce command.
+    model card's reproduce command. ``dtype`` is the weights' (default: the base's); float32
+    keeps exactly what the engine scored, where a bf16 base rounds the merge.
     """
+    if dtype is not None:
+        torch_dtype(dtype)  # an unknown dtype is refused before any work
     trial = get_trial(study, number)
     _check_out_dir(Path(out))
     plan = MergePlan.from_dict(trial.user_attrs[attrs.PLAN])
     base_dir = config.path(config.base)
     model_dirs = {name: config.path(config.models[name]) for name in plan.models}
-    base, deltas = load_task_vectors(ModelSet(base_dir, model_dirs))
     method = bind(plan.method, plan.models, config.study_dir(), base_dir)
-    merged = merge_state_dict(plan, base, deltas, method)
+    merged = merged_stream(plan, ModelSet(base_dir, model_dirs), method)
     values = dict(zip(study.metric_names or [], trial.values, strict=False))
     extra = {
         "study": study.study_name,
@@ -113,14 +169,14 @@ def export_trial(
     }
     base_config = model_config(base_dir)
     num_layers = int(base_config.get("num_hidden_layers", 0))
-    dtype = str(base_config.get("torch_dtype") or base_config.get("dtype") or "float32")
+    written = dtype or base_dtype(base_config)
     files: dict[str, str] = {}
     has_mergekit = get_method(plan.method).mergekit is not None
     if has_mergekit:
         from optimizer.mergekit_yaml import to_yaml
 
         files["mergekit.yaml"] = to_yaml(
-            plan, base_path=base_dir, model_paths=model_dirs, num_layers=num_layers, dtype=dtype
+            plan, base_path=base_dir, model_paths=model_dirs, num_layers=num_layers, dtype=written
         )
     files["README.md"] = model_card(
         study=study.study_name,
@@ -135,11 +191,20 @@ def export_trial(
         storage_arg=storage_arg or f"studies/{study.study_name}",
         has_mergekit=has_mergekit,
     )
-    return write_model_dir(Path(out), base_dir, merged, extra, files)
+    return write_model_dir(Path(out), base_dir, merged, extra, files, dtype=written, max_shard_bytes=max_shard_bytes)
 
 
-def export_study_trial(study: str, number: int, out: Path, *, name: str | None = None) -> Path:
+def export_study_trial(
+    study: str,
+    number: int,
+    out: Path,
+    *,
+    name: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
     """``mergeopt export``: trial ``number`` of the study a user names (folder, file or URL)."""
     url = study_url(study)
     opened = load_study(url, name)
-    return export_trial(opened, located(study_config(opened), url), number, out, storage_arg=study)
+    config = located(study_config(opened), url)
+    return export_trial(opened, config, number, out, storage_arg=study, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -21,3 +21,15 @@ def zoo() -> dict[str, Any]:
 
 # A finished study shared by the tests that read studies (pareto, export, refusals).
 from tests._study_fixture import finished_study  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def real_zoo() -> dict[str, Any]:
+    """The real-model zoo's zoo.json (plus ``root``), built into ``default_real_zoo_dir()`` if absent.
+
+    The first run fine-tunes it (about 12 minutes on two cores); later runs find it in the cache.
+    Set ``MERGEOPT_REAL_ZOO_DIR`` to keep it somewhere else.
+    """
+    from optimizer.zoo.real import build_real_zoo, default_real_zoo_dir
+
+    return build_real_zoo(default_real_zoo_dir())

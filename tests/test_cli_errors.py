@@ -109,6 +109,18 @@ CASES = {
         },
         ["lack the field 'target'", "they have: prompt, answer"],
     ),
+    "vllm memory share outside (0, 1]": (
+        lambda tmp, zoo: {"vllm": {"gpu_memory_utilization": 1.5}},
+        ["vllm.gpu_memory_utilization", "less than or equal to 1"],
+    ),
+    "tensor parallel above the visible GPUs": (
+        lambda tmp, zoo: {"engine": "vllm", "vllm": {"tensor_parallel_size": 64}},
+        ["tensor_parallel_size 64 needs 64 GPUs", "visible here"],
+    ),
+    "a KV cache larger than the machine's memory": (
+        lambda tmp, zoo: {"engine": "vllm", "vllm": {"cpu_kv_cache_gib": 100000}},
+        ["memory: this study needs", "of host memory", "a smaller vllm.cpu_kv_cache_gib"],
+    ),
     "unreachable storage server": (
         lambda tmp, zoo: {"storage": f"postgresql://u:secret@127.0.0.1:{free_port()}/db"},
         ["cannot reach the postgresql server at 127.0.0.1:", "start it", "u:***@"],

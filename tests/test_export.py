@@ -85,3 +85,35 @@ def test_a_method_mergekit_lacks_ships_our_config_and_says_so(tmp_path, monkeypa
         from optimizer.mergekit_yaml import to_yaml
 
         to_yaml(MergePlan("_test_only", ("a",)), base_path=tmp_path, model_paths={"a": tmp_path}, num_layers=2)
+
+
+def test_a_large_model_exports_as_hub_shards_that_load_as_one(finished_study, tmp_path) -> None:
+    """Past --max-shard-size the weights are split as hub checkpoints are, index included, and
+    transformers loads them into the very model the single-file export holds."""
+    from transformers import AutoModelForCausalLM
+
+    cwd, study_dir = finished_study
+    trial = _trial(study_dir)
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    run_cli("export", str(study_dir), "--trial", str(trial.number), "--out", str(whole), cwd=cwd, check=True)
+    args = ("--trial", str(trial.number), "--out", str(sharded), "--max-shard-size", "1MB")
+    run_cli("export", str(study_dir), *args, cwd=cwd, check=True)
+    assert sorted(p.name for p in whole.glob("*.safetensors")) == ["model.safetensors"]
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    n = len(shards)
+    assert n >= 3 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert all(p.stat().st_size <= 1_000_000 + 100_000 for p in sharded.glob("*.safetensors"))  # + header
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    a = AutoModelForCausalLM.from_pretrained(str(whole)).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(str(sharded)).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_shard_size_that_is_not_a_size_is_refused(finished_study, tmp_path) -> None:
+    cwd, study_dir = finished_study
+    out = tmp_path / "never"
+    proc = run_cli("export", str(study_dir), "--trial", "0", "--out", str(out), "--max-shard-size", "big", cwd=cwd)
+    assert proc.returncode == 2
+    assert "shard size 'big' is not a size" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()

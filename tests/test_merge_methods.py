@@ -379,3 +379,21 @@ def test_magnitude_on_large_tensors_equals_top_k_selection() -> None:
         expected[idx] = delta[idx]
         assert int((kept != 0).sum()) == k
         assert torch.equal(kept, expected)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_streamed_merge_equals_the_resident_merge(method: str) -> None:
+    """Task vectors kept in host memory merge to the same tensors, random masks included."""
+    from optimizer.merge.apply import iter_merged
+    from optimizer.merge.streaming import iter_merged_streamed, pin
+
+    gen = torch.Generator().manual_seed(3)
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    base = {n: torch.randn(16, 8, generator=gen) for n in names}
+    deltas = {n: [torch.randn(16, 8, generator=gen) * 0.1 for _ in range(2)] for n in names}
+    plan = MergePlan(method, ("a", "b"), {"a": ModelParams(0.7, 0.5), "b.L01": ModelParams(0.4, 0.3)}, {"seed": 5})
+    resident = dict(iter_merged(plan, base, deltas))
+    streamed = dict(iter_merged_streamed(plan, base, pin(deltas)))
+    assert list(streamed) == names
+    for n in names:
+        assert torch.equal(streamed[n], resident[n]), n

@@ -55,9 +55,10 @@ def _score_all(engine) -> dict[str, list[float]]:
 
 @pytest.fixture(scope="module")
 def vllm_engine(zoo):
+    from optimizer.config import VllmConfig
     from optimizer.engines.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(_zoo_models())
+    engine = VLLMEngine(_zoo_models(), settings=VllmConfig(max_num_seqs=64))
     yield engine
     engine.close()
 
@@ -65,6 +66,11 @@ def vllm_engine(zoo):
 @pytest.fixture(scope="module")
 def hf_engine(zoo):
     return HFEngine(_zoo_models())
+
+
+def test_the_configs_vllm_settings_reach_the_engine(vllm_engine) -> None:
+    """``vllm:`` in a study config is passed to vLLM (here the fixture's max_num_seqs)."""
+    assert vllm_engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 64
 
 
 def test_vllm_agrees_with_transformers(vllm_engine, hf_engine) -> None:

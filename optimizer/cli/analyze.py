@@ -33,7 +33,7 @@ def contributions(
     enqueue: Annotated[bool, typer.Option(help="enqueue warm-start trials for the next 'mergeopt search'")] = True,
 ) -> None:
     """Hi-Merging's layer probes: which layers help alone but hurt merged (table, heatmap, JSON, warm starts)."""
-    from optimizer.engines import lazy_engine
+    from optimizer.engines import study_engine
     from optimizer.report import default_report_dir
     from optimizer.report.contributions import contribution_table, write_contribution_files
     from optimizer.search.study import open_existing
@@ -45,7 +45,7 @@ def contributions(
     opened, prepared = open_existing(study, name)
     config = prepared.config
     with (
-        lazy_engine(config.engine, prepared.models, device=config.device, dtype=config.dtype) as engine,
+        study_engine(config, prepared.models, memory=prepared.memory) as engine,
         out.status("probing layers") as spinner,
     ):
         outcome = analyze_study(
@@ -85,7 +85,7 @@ def golden(
     """Each specialist answers its task's prompts greedily: golden data for metric nll / exact_match."""
     from objectives.golden import generate_golden, read_manifest
     from optimizer.config import load_config
-    from optimizer.engines import lazy_engine
+    from optimizer.engines import study_engine
     from optimizer.search.prepare import prepare
 
     positive(max_tokens, "--max-tokens", "the answer length must be a positive number")
@@ -94,7 +94,7 @@ def golden(
     cfg = load_config(config)
     prepared = prepare(cfg)  # validated only: golden data needs none of the method's study data
     target = out or cfg.study_dir() / "golden"
-    with lazy_engine(cfg.engine, prepared.models, device=cfg.device, dtype=cfg.dtype) as engine:
+    with study_engine(cfg, prepared.models, memory=prepared.memory) as engine:
         written = generate_golden(
             cfg,
             prepared.tasks,

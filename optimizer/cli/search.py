@@ -22,12 +22,9 @@ RestartOpt = Annotated[int, typer.Option(help="restart the engine after this man
 
 
 def _engine(prepared: Prepared, restart_after: int | None = RESTART_AFTER) -> EngineSupervisor:
-    from optimizer.engines import lazy_engine
+    from optimizer.engines import study_engine
 
-    config = prepared.config
-    return lazy_engine(
-        config.engine, prepared.models, device=config.device, dtype=config.dtype, restart_after=restart_after
-    )
+    return study_engine(prepared.config, prepared.models, memory=prepared.memory, restart_after=restart_after)
 
 
 def _prepared(config_path: Path) -> Prepared:
@@ -36,7 +33,10 @@ def _prepared(config_path: Path) -> Prepared:
     from optimizer.search.prepare import measured, prepare
 
     out = console()
-    return measured(prepare(load_config(config_path)), lambda line: out.print(line, highlight=False))
+    prepared = prepare(load_config(config_path))
+    for line in prepared.memory.lines():
+        out.print(line, highlight=False)
+    return measured(prepared, lambda line: out.print(line, highlight=False))
 
 
 def _run(study, prepared: Prepared, target: int, engine: EngineSupervisor, resume: str) -> None:

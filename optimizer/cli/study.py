@@ -21,10 +21,9 @@ if TYPE_CHECKING:
 
 def _engine(prepared: Prepared) -> EngineSupervisor:
     """The study's engine, started only if something is not cached yet."""
-    from optimizer.engines import lazy_engine
+    from optimizer.engines import study_engine
 
-    config = prepared.config
-    return lazy_engine(config.engine, prepared.models, device=config.device, dtype=config.dtype)
+    return study_engine(prepared.config, prepared.models, memory=prepared.memory)
 
 
 def pareto(study: StudyArg, name: NameOpt = None) -> None:
@@ -43,11 +42,19 @@ def export(
     trial: Annotated[int, typer.Option(help="trial number to export")],
     out: Annotated[Path, typer.Option(help="output folder (must not exist or be empty)")],
     name: NameOpt = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="weights' dtype: float32 (exactly what was scored), bfloat16, float16 (default: the base's)"),
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option(help="largest weight file, e.g. 5GB or 500MB; a larger model is sharded with an index")
+    ] = "5GB",
 ) -> None:
     """Write a trial's merged model: HF safetensors dir, mergekit.yaml that rebuilds it, model card."""
     from optimizer.export import export_study_trial
+    from optimizer.shards import parse_size
 
-    path = export_study_trial(study, trial, out, name=name)
+    path = export_study_trial(study, trial, out, name=name, dtype=dtype, max_shard_bytes=parse_size(max_shard_size))
     console().print(f"exported trial {trial} to {path}")
 
 

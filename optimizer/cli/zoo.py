@@ -18,7 +18,7 @@ def build(
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="rebuild even if a complete zoo is cached")] = False,
     real: Annotated[
-        bool, typer.Option("--real", help="the real-model zoo: SmolLM2-135M-Instruct and chat specialists (~15 min)")
+        bool, typer.Option("--real", help="the real-model zoo: SmolLM2-135M-Instruct and chat specialists (~12 min)")
     ] = False,
 ) -> None:
     """Train (or load from cache) a base model and its specialists: the tiny zoo, or with --real a real LLM's."""

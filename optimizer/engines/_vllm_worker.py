@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from optimizer.checkpoints import ModelSet, load_task_vectors
+from optimizer.checkpoints import ModelSet
 from optimizer.engines._allocator import retain_freed_memory
 from optimizer.merge._precision import all_finite
 from optimizer.merge._registry import MergeMethod
-from optimizer.merge.apply import iter_merged
 from optimizer.merge.plan import MergePlan
+from optimizer.merge.streaming import Placement, load_for_merging, merged_tensors
 from optimizer.merge.study_data import bind
 
 __all__ = ["MergeWorkerExtension"]
@@ -36,12 +36,19 @@ class MergeWorkerExtension:
     """Mixed into vLLM's worker class; every name starts with ``mergeopt_`` to avoid clashes."""
 
     def mergeopt_load(
-        self, base: str, specialists: dict[str, str], owner_pid: int | None = None, data_dir: str | None = None
+        self,
+        base: str,
+        specialists: dict[str, str],
+        owner_pid: int | None = None,
+        data_dir: str | None = None,
+        placement: Placement = "resident",
     ) -> dict[str, Any]:
         """Load the base and each specialist once; keep base + task vectors for every later merge.
 
         ``data_dir`` holds the study's measured data for methods that need it (RegMean's Grams); it
-        is read here, in the worker, so no tensor crosses the process boundary.
+        is read here, in the worker, so no tensor crosses the process boundary. ``placement``
+        (the memory plan's) keeps the task vectors on the device or streams them from pinned host
+        memory.
         """
         if owner_pid is not None:
             _watch_owner(owner_pid)
@@ -55,7 +62,10 @@ class MergeWorkerExtension:
         # than base + N task vectors + one checkpoint (a list of all checkpoints first would peak
         # at 2N + 1 model copies; measured in benchmarks/memory.py).
         models = ModelSet(Path(base), {k: Path(v) for k, v in specialists.items()})
-        self.mergeopt_base, self.mergeopt_deltas = load_task_vectors(models, dtype=dtype, device=param.device)
+        self.mergeopt_placement: Placement = placement
+        self.mergeopt_base, self.mergeopt_deltas = load_for_merging(
+            models, dtype=dtype, device=param.device, placement=placement
+        )
         self.mergeopt_models = tuple(specialists)
         # From here on every merge allocates the same sizes again: keep freed pages mapped. Not
         # before: the checkpoints read above are freed for good and should go back to the system.
@@ -81,7 +91,10 @@ class MergeWorkerExtension:
 
         def weights():
             nonlocal finite
-            for name, tensor in iter_merged(merge_plan, self.mergeopt_base, self.mergeopt_deltas, method):
+            tensors = merged_tensors(
+                merge_plan, self.mergeopt_base, self.mergeopt_deltas, method, self.mergeopt_placement
+            )
+            for name, tensor in tensors:
                 if finite and not all_finite(tensor):
                     finite = False
                 yield name, tensor

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
-from optimizer.checkpoints import ModelSet, load_task_vectors, torch_dtype
+from optimizer.checkpoints import ModelSet, torch_dtype
 from optimizer.engines._allocator import retain_freed_memory
 from optimizer.engines.base import Engine, LogLikelihood
 from optimizer.merge._registry import MergeMethod
-from optimizer.merge.apply import iter_merged
 from optimizer.merge.plan import MergePlan
+from optimizer.merge.streaming import Placement, load_for_merging, merged_tensors
 from optimizer.merge.study_data import bind
 from optimizer.tokens import encode_pair
 
@@ -27,7 +27,15 @@ __all__ = ["HFEngine"]
 class HFEngine(Engine):
     """Merge-in-place and scoring with a transformers causal LM."""
 
-    def __init__(self, models: ModelSet, *, device: str = "auto", dtype: str = "auto", batch_size: int = 64):
+    def __init__(
+        self,
+        models: ModelSet,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 64,
+        placement: Placement = "resident",
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -49,7 +57,10 @@ class HFEngine(Engine):
         # Tied weights appear once in named_parameters; merging only those keeps a tied head
         # governed by the embedding's coefficients instead of being written twice.
         self._params = dict(self.model.named_parameters())
-        self._base, self._deltas = load_task_vectors(models, dtype=dtype_, device=self.device, keep=self._params)
+        self.placement: Placement = placement
+        self._base, self._deltas = load_for_merging(
+            models, dtype=dtype_, device=self.device, placement=placement, keep=self._params
+        )
         self._bound: dict[str, MergeMethod] = {}
         retain_freed_memory()  # after the load (its checkpoints go back): merges reuse their pages
 
@@ -62,7 +73,7 @@ class HFEngine(Engine):
             method = self._bound[plan.method] = bind(
                 plan.method, self.models.names, self.models.data_dir, self.models.base
             )
-        for name, merged in iter_merged(plan, self._base, self._deltas, method):
+        for name, merged in merged_tensors(plan, self._base, self._deltas, method, self.placement):
             self._params[name].copy_(merged)
 
     @torch.no_grad()

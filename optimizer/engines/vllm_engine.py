@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from optimizer.checkpoints import ModelSet
+from optimizer.config import VllmConfig
 from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood
 from optimizer.errors import ConfigError
 from optimizer.merge.plan import MergePlan
+from optimizer.merge.streaming import Placement
 from optimizer.tokens import encode, encode_pair
 
 __all__ = ["VLLMEngine"]
@@ -53,20 +55,37 @@ def _is_cpu_build() -> bool:
 class VLLMEngine(Engine):
     """Merge-in-place and scoring in a vLLM ``LLM``."""
 
-    def __init__(self, models: ModelSet, *, dtype: str = "auto"):
+    def __init__(
+        self,
+        models: ModelSet,
+        *,
+        dtype: str = "auto",
+        settings: VllmConfig | None = None,
+        placement: Placement = "resident",
+    ):
         vllm = _import_vllm()
         self.models = models
+        settings = settings or VllmConfig()
         cpu = _is_cpu_build()
         if cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(_CPU_KV_CACHE_GIB))
+            kv = settings.cpu_kv_cache_gib if settings.cpu_kv_cache_gib is not None else _CPU_KV_CACHE_GIB
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv:g}")
         if dtype == "auto":
             dtype = "float32" if cpu else "bfloat16"
+        chosen = {
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "max_model_len": settings.max_model_len,
+            "max_num_seqs": settings.max_num_seqs,
+        }
         self.llm = vllm.LLM(
             model=str(models.base),
             dtype=dtype,
             seed=0,
             worker_extension_cls=_EXTENSION,
             enable_prefix_caching=True,
+            enforce_eager=settings.enforce_eager,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            **{k: v for k, v in chosen.items() if v is not None},
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.llm.collective_rpc(
@@ -76,6 +95,7 @@ class VLLMEngine(Engine):
                 {k: str(v) for k, v in models.specialists.items()},
                 os.getpid(),
                 str(models.data_dir) if models.data_dir else None,
+                placement,
             ),
         )
         self._sampling = vllm.SamplingParams

@@ -17,10 +17,12 @@ from optuna.study import StudyDirection
 from objectives.tasks import Task, load_tasks
 from optimizer.checkpoints import ModelSet, check_compatible, model_config, read_shapes
 from optimizer.config import StudyConfig
+from optimizer.errors import ConfigError
+from optimizer.memory_plan import Machine, MemoryPlan, plan_memory
 from optimizer.search.space import SearchSpace
 from optimizer.search.study_data import ensure_study_data
 
-__all__ = ["Prepared", "check_models", "measured", "prepare"]
+__all__ = ["Prepared", "check_engine", "check_models", "measured", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Prepared:
     models: ModelSet
     tasks: list[Task]
     space: SearchSpace
+    memory: MemoryPlan
 
     @property
     def directions(self) -> list[StudyDirection]:
@@ -48,15 +51,31 @@ def check_models(config: StudyConfig) -> tuple[ModelSet, int]:
     return models, num_layers
 
 
+def check_engine(config: StudyConfig) -> None:
+    """Refuse engine settings this machine cannot run, before any engine starts."""
+    tp = config.vllm.tensor_parallel_size
+    if config.engine == "vllm" and tp > 1:
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible < tp:
+            raise ConfigError(
+                f"vllm.tensor_parallel_size {tp} needs {tp} GPUs, but {visible} are visible here;"
+                f" lower it to {max(visible, 1)} or run on a machine with {tp} GPUs"
+            )
+
+
 def prepare(config: StudyConfig, *, layer_overrides: tuple[str, ...] = ()) -> Prepared:
-    """Validate the config against its models and data; nothing is written.
+    """Validate the config against its models, data and machine; nothing is written.
 
     ``layer_overrides``: layers a contribution analysis gave coefficients of their own (a study
     records them; :func:`optimizer.search.study.open_study` passes them on).
     """
+    check_engine(config)
     models, num_layers = check_models(config)
+    memory = plan_memory(config, models, Machine.here())
     tasks = load_tasks(config)
-    return Prepared(config, models, tasks, SearchSpace(config, num_layers, layer_overrides))
+    return Prepared(config, models, tasks, SearchSpace(config, num_layers, layer_overrides), memory)
 
 
 def measured(prepared: Prepared, say: Callable[[str], None] = lambda _: None) -> Prepared:

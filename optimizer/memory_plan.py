@@ -1,0 +1,279 @@
+"""The memory plan: will this study fit on this machine, and where do the task vectors live?
+
+Computed from the safetensors headers and the machine's memory before any engine starts, so a
+study that cannot fit stops with one line saying what would, instead of an out-of-memory minutes
+into an engine start. Its figures (printed at the start of every search) are:
+
+- the engine's copy of the model (vLLM's weights, or the transformers model), its KV budget;
+- mergeopt's own: the base and the N dense task vectors every merge reads, and the merge's
+  workspace (temporaries of one tensor);
+- where the task vectors live. ``resident``: on the device beside the engine (fastest: a merge
+  runs at device bandwidth). ``streamed``: in pinned host memory, copied in tensor by tensor
+  while the previous tensor merges (``optimizer/merge/streaming.py``; at host-link speed, ~0.9 s
+  per 8B candidate on an H200, benchmarks/README.md).
+
+On a GPU with vLLM, vLLM claims ``gpu_memory_utilization`` of the device for its weights and KV
+cache at start-up; mergeopt's tensors must fit in the rest. Unset, the plan picks the largest
+share (at most vLLM's default 0.9) that leaves room for them. With tensor parallelism every rank
+still keeps full copies of the base and task vectors (sharding them per rank is still to come),
+so mergeopt's figure is per GPU and does not divide by the degree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from optimizer.checkpoints import ModelSet, read_shapes
+from optimizer.config import StudyConfig
+from optimizer.errors import ConfigError
+
+__all__ = ["Machine", "MemoryPlan", "plan_for_shapes", "plan_memory"]
+
+GiB = 1 << 30
+#: Kept free on every device for CUDA contexts, the allocator's fragmentation and NCCL buffers.
+_MARGIN = 1 * GiB
+#: vLLM's needs beyond its weights: a KV cache worth serving from and its activation peak.
+_VLLM_MIN_KV = 1 * GiB
+_VLLM_ACTIVATIONS = 2 * GiB
+#: vLLM's own default share of the device.
+_VLLM_DEFAULT_UTILIZATION = 0.9
+#: Pinned host blocks are rounded up by PyTorch's host allocator; room for that.
+_PINNED_OVERHEAD = 1.25
+#: The CPU build's KV cache when ``vllm.cpu_kv_cache_gib`` is unset (vllm_engine's default).
+_CPU_KV_DEFAULT_GIB = 1.0
+#: Python, the tokenizer, vLLM's CPU worker and its compiled graphs (the real zoo's engine on the
+#: base alone peaks at about this above its weights; benchmarks/results/real_zoo.json).
+_PROCESS_OVERHEAD = 3 * GiB
+#: Methods whose merge of one tensor needs only the output and one temporary.
+_LIGHT_METHODS = frozenset({"linear", "task_arithmetic"})
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The memory a study may use here: each GPU's total, and the host's available RAM."""
+
+    gpus: int
+    device_bytes: int  # per GPU; 0 without one
+    host_bytes: int
+
+    @classmethod
+    def here(cls) -> Machine:
+        """This machine, read without initialising CUDA in this process (vLLM forks workers)."""
+        gpus, device = _gpus()
+        return cls(gpus=gpus, device_bytes=device, host_bytes=_host_available())
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a study will hold where; ``lines()`` is what the search prints at its start."""
+
+    engine: str
+    on_gpu: bool
+    specialists: int
+    dtype_bytes: int
+    weight_bytes: int  # one copy of the model in the engine's dtype
+    largest_tensor_bytes: int
+    workspace_bytes: int
+    kv_bytes: int
+    placement: Literal["resident", "streamed"]
+    gpu_memory_utilization: float | None  # what vLLM is given (None: not a GPU vLLM study)
+    device_bytes: int
+    host_bytes: int
+
+    @property
+    def task_vector_bytes(self) -> int:
+        return self.specialists * self.weight_bytes
+
+    def lines(self) -> list[str]:
+        """The plan as a few log lines: every figure a user needs to see why it fits."""
+        gb = _gb
+        where = "the GPU" if self.on_gpu else "the host (CPU engine)"
+        head = (
+            f"memory: model {gb(self.weight_bytes)}, base + {self.specialists} task vectors"
+            f" {gb(self.weight_bytes + self.task_vector_bytes)}, merge workspace {gb(self.workspace_bytes)}"
+        )
+        if self.placement == "streamed":
+            place = (
+                f"memory: task vectors streamed from pinned host memory ({gb(self.task_vector_bytes)} of"
+                f" {gb(self.host_bytes)} available): they do not fit on the GPU beside the engine"
+            )
+        else:
+            place = f"memory: task vectors resident on {where}"
+        lines = [head, place]
+        if self.gpu_memory_utilization is not None:
+            lines.append(
+                f"memory: vLLM gets {self.gpu_memory_utilization:.2f} of {gb(self.device_bytes)} per GPU"
+                f" (about {gb(self.kv_bytes)} of it for the KV cache once its weights are in)"
+            )
+        elif not self.on_gpu:
+            need = _cpu_need(self)
+            lines.append(f"memory: {gb(need)} of {gb(self.host_bytes)} available host memory (KV {gb(self.kv_bytes)})")
+        return lines
+
+
+def plan_memory(config: StudyConfig, models: ModelSet, machine: Machine) -> MemoryPlan:
+    """The plan for ``config`` on ``machine``, or a :class:`ConfigError` saying what would fit."""
+    return plan_for_shapes(config, read_shapes(models.base), len(models.specialists), machine)
+
+
+def plan_for_shapes(config: StudyConfig, shapes: Mapping[str, tuple[int, ...]], n: int, machine: Machine) -> MemoryPlan:
+    """The plan for a base of these tensor shapes and ``n`` specialists (what-if sizing, tests)."""
+    on_gpu = machine.gpus > 0 and config.device != "cpu"
+    dtype_bytes = _dtype_bytes(config.dtype, on_gpu)
+    numels = [math.prod(s) for s in shapes.values()]
+    weight = sum(numels) * dtype_bytes
+    largest = max(numels, default=0) * dtype_bytes
+    # A TIES-like merge holds fp32 copies of a tensor's N task vectors, masks and its output.
+    workspace = 2 * largest if config.method in _LIGHT_METHODS else (n + 2) * (largest // dtype_bytes) * 4
+    common = dict(
+        engine=config.engine, on_gpu=on_gpu, specialists=n, dtype_bytes=dtype_bytes, weight_bytes=weight,
+        largest_tensor_bytes=largest, workspace_bytes=workspace, device_bytes=machine.device_bytes,
+        host_bytes=machine.host_bytes,
+    )  # fmt: skip
+    if not on_gpu:
+        kv = int((config.vllm.cpu_kv_cache_gib or _CPU_KV_DEFAULT_GIB) * GiB) if config.engine == "vllm" else 0
+        plan = MemoryPlan(**common, kv_bytes=kv, placement="resident", gpu_memory_utilization=None)  # type: ignore[arg-type]
+        _check_host(plan, config)
+        return plan
+    return _plan_gpu(config, common, machine)
+
+
+def _plan_gpu(config: StudyConfig, common: dict, machine: Machine) -> MemoryPlan:
+    weight, n, largest = common["weight_bytes"], common["specialists"], common["largest_tensor_bytes"]
+    total = machine.device_bytes
+    resident = (1 + n) * weight + common["workspace_bytes"]  # base + N task vectors + workspace
+    streamed = weight + common["workspace_bytes"] + 2 * n * largest  # base + two tensors in flight
+    host_streamed = int(n * weight * _PINNED_OVERHEAD) * config.vllm.tensor_parallel_size
+    vllm = config.engine == "vllm"
+    engine_min = (weight / config.vllm.tensor_parallel_size + _VLLM_MIN_KV + _VLLM_ACTIVATIONS) if vllm else weight
+    user_share = config.vllm.gpu_memory_utilization if vllm else None
+    if user_share is not None and user_share * total < engine_min:
+        raise ConfigError(
+            f"vllm.gpu_memory_utilization {user_share:g} gives vLLM {_gb(user_share * total)} per GPU, but its"
+            f" weights alone take {_gb(weight / config.vllm.tensor_parallel_size)} plus a KV cache; raise it"
+            f" (at least {engine_min / total:.2f}) or use tensor_parallel_size > 1"
+        )
+
+    def share_for(ours: int) -> float | None:
+        """vLLM's share when mergeopt keeps ``ours`` on the device, or None when both cannot fit."""
+        if user_share is not None:
+            return user_share if ours + _MARGIN <= total * (1 - user_share) else None
+        share = min(_VLLM_DEFAULT_UTILIZATION, (total - ours - _MARGIN) / total)
+        return share if share * total >= engine_min else None
+
+    if not vllm:  # the transformers engine: its model and mergeopt's tensors share the device
+        fits_resident = weight + resident + _MARGIN <= total
+        fits_streamed = weight + streamed + _MARGIN <= total
+        share_resident = share_streamed = None
+    else:
+        share_resident, share_streamed = share_for(resident), share_for(streamed)
+        fits_resident, fits_streamed = share_resident is not None, share_streamed is not None
+    host_ok = host_streamed <= machine.host_bytes
+    if fits_resident:
+        placement, share = "resident", share_resident
+    elif fits_streamed and host_ok:
+        placement, share = "streamed", share_streamed
+    else:
+        raise ConfigError(_no_fit(config, common, machine, resident, streamed, host_streamed, fits_streamed))
+    kv = int(share * total - weight / config.vllm.tensor_parallel_size) if share is not None else 0
+    return MemoryPlan(**common, kv_bytes=kv, placement=placement, gpu_memory_utilization=share)  # type: ignore[arg-type]
+
+
+def _no_fit(
+    config: StudyConfig, common: dict, machine: Machine, resident: int, streamed: int, host: int, fits_streamed: bool
+) -> str:
+    """One line: why nothing fits, and what would."""
+    weight, n = common["weight_bytes"], common["specialists"]
+    total = machine.device_bytes
+    share = config.vllm.gpu_memory_utilization
+    if config.engine != "vllm":
+        engine = weight
+    elif share is not None:
+        engine = share * total
+    else:  # the plan would have lowered vLLM's share down to what it needs
+        engine = weight / config.vllm.tensor_parallel_size + _VLLM_MIN_KV + _VLLM_ACTIVATIONS
+    room = total - engine - _MARGIN
+    fit_n = max(0, int((room - weight - common["workspace_bytes"]) // weight)) if weight else 0
+    where = (
+        f"streaming them needs {_gb(host)} of pinned host memory and {_gb(machine.host_bytes)} is available"
+        if fits_streamed
+        else f"even streamed from host memory mergeopt needs {_gb(streamed)} on each GPU"
+    )
+    return (
+        f"memory: base + {n} task vectors need {_gb(resident)} on each GPU beside the engine's {_gb(engine)}"
+        f" of {_gb(total)}, and {where}; use at most {fit_n} specialists, LoRA adapters, a lower"
+        " vllm.gpu_memory_utilization, or a machine with more memory"
+    )
+
+
+def _cpu_need(plan: MemoryPlan) -> int:
+    engine = plan.weight_bytes + plan.kv_bytes if plan.engine == "vllm" else plan.weight_bytes
+    return engine + plan.weight_bytes + plan.task_vector_bytes + plan.workspace_bytes + _PROCESS_OVERHEAD
+
+
+def _check_host(plan: MemoryPlan, config: StudyConfig) -> None:
+    need = _cpu_need(plan)
+    if need <= plan.host_bytes:
+        return
+    kv_hint = " a smaller vllm.cpu_kv_cache_gib," if config.engine == "vllm" and plan.kv_bytes > 2 * GiB else ""
+    per = plan.weight_bytes
+    spare = plan.host_bytes - (need - plan.task_vector_bytes)
+    fit_n = max(0, int(spare // per)) if per else 0
+    raise ConfigError(
+        f"memory: this study needs {_gb(need)} of host memory (engine {_gb(plan.weight_bytes)} + KV"
+        f" {_gb(plan.kv_bytes)}, base + {plan.specialists} task vectors"
+        f" {_gb(plan.weight_bytes + plan.task_vector_bytes)}) and {_gb(plan.host_bytes)} is available;"
+        f" use{kv_hint} at most {fit_n} specialists, or a machine with more memory"
+    )
+
+
+def _dtype_bytes(dtype: str, on_gpu: bool) -> int:
+    if dtype == "auto":
+        return 2 if on_gpu else 4  # the engines' rule: bf16 on GPUs, float32 on CPUs
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _gpus() -> tuple[int, int]:
+    """(count, bytes per GPU) from NVML; torch's count (also NVML-based) when pynvml is absent."""
+    try:
+        import pynvml  # type: ignore[import-not-found]  # nvidia-ml-py: on GPU machines only
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            if count == 0:
+                return 0, 0
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            index = int(visible.split(",")[0]) if visible and visible.split(",")[0].isdigit() else 0
+            mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total
+            if visible is not None:
+                count = len([v for v in visible.split(",") if v.strip()])
+            return count, int(mem)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML (CPU machines, or no driver): ask torch
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0, 0
+        return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
+
+
+def _host_available() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping); else total RAM."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
