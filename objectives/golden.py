@@ -171,7 +171,7 @@ def generate_golden(
             f" {', '.join(names)}; build the engine from this config"
         )
     base_dir = config.path(config.base)
-    model_dirs = {name: config.path(path) for name, path in config.models.items()}
+    model_dirs = {name: config.model_path(name) for name in config.models}
     by_name = {t.name: t for t in tasks}
     out_dir = Path(out_dir)
     base_fp = model_fingerprint(base_dir, mode=fingerprint)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from optimizer.adapters import is_adapter, read_adapter
 from optimizer.errors import ConfigError, ModelError
+from optimizer.low_rank import Delta
 
 __all__ = [
     "DTYPES",
@@ -196,13 +198,21 @@ def load_task_vector(
     *,
     dtype: torch.dtype = torch.float32,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Delta]:
     """τ = θ − θ₀ of one specialist, for every tensor of ``base`` (on ``base``'s devices).
+
+    A LoRA adapter's τ is returned as its factors (:class:`~optimizer.low_rank.LowRankDelta`),
+    never expanded here: merges expand one tensor at a time.
 
     The specialist must match ``shapes`` (the whole base's; by default ``base``'s own tensors).
     Its checkpoint is freed tensor by tensor as the deltas are formed, so loading N specialists
     never holds more than base + N task vectors + one checkpoint.
     """
+    if is_adapter(model_dir):  # held as factors: a few percent of a dense task vector
+        adapter = read_adapter(model_dir, name)
+        adapter.check_against(shapes if shapes is not None else {k: tuple(v.shape) for k, v in base.items()}, name)
+        device = next(iter(base.values())).device if base else "cpu"
+        return dict(adapter.deltas(base, dtype=dtype, device=device))
     state = load_state_dict(model_dir, dtype)
     check_compatible(
         shapes if shapes is not None else base,
@@ -218,7 +228,7 @@ def load_task_vectors(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     keep: Container[str] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, list[Delta]]]:
     """The base and every specialist's task vector, per tensor in ``models`` order: what a merge reads.
 
     Computed once per engine (never per trial), one specialist at a time. ``keep`` restricts the
@@ -229,7 +239,7 @@ def load_task_vectors(
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     base = {k: v.to(device) for k, v in state.items() if keep is None or k in keep}
     del state
-    deltas: dict[str, list[torch.Tensor]] = {k: [] for k in base}
+    deltas: dict[str, list[Delta]] = {k: [] for k in base}
     for name, path in models.specialists.items():
         for k, tau in load_task_vector(base, path, name, dtype=dtype, shapes=shapes).items():
             deltas[k].append(tau)

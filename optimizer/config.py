@@ -274,6 +274,21 @@ class StudyConfig(_Strict):
         """Resolve a path from this config (relative to its file, or into the zoo)."""
         return resolve_path(value, Path(self.root))
 
+    def model_path(self, name: str) -> Path:
+        """Where specialist ``name`` lives: a model or adapter folder. ``BASE+ADAPTER`` (mergekit's
+        spelling) names an adapter on the study's base, and resolves to the adapter."""
+        value = self.models[name]
+        if "+" in value and not self.path(value).exists():
+            base, adapter = value.rsplit("+", 1)
+            if self.path(base) != self.path(self.base):
+                raise ConfigError(
+                    f"model {name!r}: {value!r} applies an adapter to {base!r}, not to the study's base"
+                    f" {self.base!r}; mergeopt merges adapters of the study's base only: merge it into"
+                    " its model first (peft's merge_and_unload) and give that model"
+                )
+            return self.path(adapter)
+        return self.path(value)
+
     def study_dir(self) -> Path:
         """Where the study's files live: beside its SQLite file, else ``studies/<name>/``."""
         url = self.storage_url()

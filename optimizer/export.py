@@ -20,6 +20,7 @@ import torch
 from optuna.trial import TrialState
 from safetensors import SafetensorError
 
+from optimizer.adapters import Adapter, is_adapter, read_adapter
 from optimizer.atomic import building_dir
 from optimizer.checkpoints import (
     DTYPES,
@@ -32,6 +33,7 @@ from optimizer.checkpoints import (
 )
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError, MergeoptError
+from optimizer.low_rank import Delta
 from optimizer.merge import MergePlan, get_method
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.apply import merge_tensor, resolved_options
@@ -115,18 +117,29 @@ def base_dtype(config: Mapping[str, object]) -> str:
 def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None = None) -> TensorStream:
     """The merged model of ``plan`` as a stream, read from the checkpoints one tensor at a time."""
     base = CheckpointReader(models.base)
-    specialists = [CheckpointReader(models.specialists[name]) for name in plan.models]
     shapes = read_shapes(models.base)
+    specialists: list[CheckpointReader | Adapter] = []
     for name in plan.models:  # the models may have changed on disk since the study scored them
-        check_compatible(shapes, read_shapes(models.specialists[name]), name)
+        path = models.specialists[name]
+        if is_adapter(path):
+            adapter = read_adapter(path, name)
+            adapter.check_against(shapes, name)
+            specialists.append(adapter)
+        else:
+            check_compatible(shapes, read_shapes(path), name)
+            specialists.append(CheckpointReader(path))
     method = method or get_method(plan.method)
     options = resolved_options(method, plan)
+
+    def delta(source: CheckpointReader | Adapter, name: str, b: torch.Tensor) -> Delta:
+        if isinstance(source, Adapter):
+            return source.deltas({name: b}, dtype=torch.float32, device="cpu")[name]
+        return source.get(name) - b
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name in base.names():
             b = base.get(name)
-            deltas = [reader.get(name) - b for reader in specialists]
-            yield name, merge_tensor(plan, name, b, deltas, method, options)
+            yield name, merge_tensor(plan, name, b, [delta(s, name, b) for s in specialists], method, options)
 
     return TensorStream({name: shapes[name] for name in base.names()}, tensors())
 
@@ -156,7 +169,7 @@ def export_trial(
     _check_out_dir(Path(out))
     plan = MergePlan.from_dict(trial.user_attrs[attrs.PLAN])
     base_dir = config.path(config.base)
-    model_dirs = {name: config.path(config.models[name]) for name in plan.models}
+    model_dirs = {name: config.model_path(name) for name in plan.models}
     method = bind(plan.method, plan.models, config.study_dir(), base_dir)
     merged = merged_stream(plan, ModelSet(base_dir, model_dirs), method)
     values = dict(zip(study.metric_names or [], trial.values, strict=False))

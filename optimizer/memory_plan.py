@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from optimizer.adapters import is_adapter, read_adapter
 from optimizer.checkpoints import ModelSet, read_shapes
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError
@@ -76,6 +77,7 @@ class MemoryPlan:
     specialists: int
     dtype_bytes: int
     weight_bytes: int  # one copy of the model in the engine's dtype
+    task_vector_bytes: int  # the N specialists' task vectors as held (adapters: their factors)
     largest_tensor_bytes: int
     workspace_bytes: int
     kv_bytes: int
@@ -83,10 +85,6 @@ class MemoryPlan:
     gpu_memory_utilization: float | None  # what vLLM is given (None: not a GPU vLLM study)
     device_bytes: int
     host_bytes: int
-
-    @property
-    def task_vector_bytes(self) -> int:
-        return self.specialists * self.weight_bytes
 
     def lines(self) -> list[str]:
         """The plan as a few log lines: every figure a user needs to see why it fits."""
@@ -117,22 +115,42 @@ class MemoryPlan:
 
 def plan_memory(config: StudyConfig, models: ModelSet, machine: Machine) -> MemoryPlan:
     """The plan for ``config`` on ``machine``, or a :class:`ConfigError` saying what would fit."""
-    return plan_for_shapes(config, read_shapes(models.base), len(models.specialists), machine)
+    on_gpu = machine.gpus > 0 and config.device != "cpu"
+    dtype_bytes = _dtype_bytes(config.dtype, on_gpu)
+    shapes = read_shapes(models.base)
+    weight = sum(math.prod(s) for s in shapes.values()) * dtype_bytes
+    held = sum(
+        read_adapter(path, name).bytes_held(dtype_bytes) if is_adapter(path) else weight
+        for name, path in models.specialists.items()
+    )
+    return plan_for_shapes(config, shapes, len(models.specialists), machine, task_vector_bytes=held)
 
 
-def plan_for_shapes(config: StudyConfig, shapes: Mapping[str, tuple[int, ...]], n: int, machine: Machine) -> MemoryPlan:
-    """The plan for a base of these tensor shapes and ``n`` specialists (what-if sizing, tests)."""
+def plan_for_shapes(
+    config: StudyConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    n: int,
+    machine: Machine,
+    *,
+    task_vector_bytes: int | None = None,
+) -> MemoryPlan:
+    """The plan for a base of these tensor shapes and ``n`` specialists (what-if sizing, tests).
+
+    ``task_vector_bytes``: what the specialists' task vectors take held (default: n dense ones;
+    LoRA adapters are held as their factors, a few percent of that).
+    """
     on_gpu = machine.gpus > 0 and config.device != "cpu"
     dtype_bytes = _dtype_bytes(config.dtype, on_gpu)
     numels = [math.prod(s) for s in shapes.values()]
     weight = sum(numels) * dtype_bytes
+    held = n * weight if task_vector_bytes is None else task_vector_bytes
     largest = max(numels, default=0) * dtype_bytes
     # A TIES-like merge holds fp32 copies of a tensor's N task vectors, masks and its output.
     workspace = 2 * largest if config.method in _LIGHT_METHODS else (n + 2) * (largest // dtype_bytes) * 4
     common = dict(
         engine=config.engine, on_gpu=on_gpu, specialists=n, dtype_bytes=dtype_bytes, weight_bytes=weight,
-        largest_tensor_bytes=largest, workspace_bytes=workspace, device_bytes=machine.device_bytes,
-        host_bytes=machine.host_bytes,
+        task_vector_bytes=held, largest_tensor_bytes=largest, workspace_bytes=workspace,
+        device_bytes=machine.device_bytes, host_bytes=machine.host_bytes,
     )  # fmt: skip
     if not on_gpu:
         kv = int((config.vllm.cpu_kv_cache_gib or _CPU_KV_DEFAULT_GIB) * GiB) if config.engine == "vllm" else 0
@@ -144,10 +162,11 @@ def plan_for_shapes(config: StudyConfig, shapes: Mapping[str, tuple[int, ...]], 
 
 def _plan_gpu(config: StudyConfig, common: dict, machine: Machine) -> MemoryPlan:
     weight, n, largest = common["weight_bytes"], common["specialists"], common["largest_tensor_bytes"]
+    held = common["task_vector_bytes"]
     total = machine.device_bytes
-    resident = (1 + n) * weight + common["workspace_bytes"]  # base + N task vectors + workspace
+    resident = weight + held + common["workspace_bytes"]  # base + N task vectors + workspace
     streamed = weight + common["workspace_bytes"] + 2 * n * largest  # base + two tensors in flight
-    host_streamed = int(n * weight * _PINNED_OVERHEAD) * config.vllm.tensor_parallel_size
+    host_streamed = int(held * _PINNED_OVERHEAD) * config.vllm.tensor_parallel_size
     vllm = config.engine == "vllm"
     engine_min = (weight / config.vllm.tensor_parallel_size + _VLLM_MIN_KV + _VLLM_ACTIVATIONS) if vllm else weight
     user_share = config.vllm.gpu_memory_utilization if vllm else None

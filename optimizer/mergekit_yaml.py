@@ -90,7 +90,7 @@ def plan_to_mergekit(
     for model in plan.models:
         table = _resolve_groups(plan, model, num_layers)
         params = {f: _setting({g: getattr(p, f) for g, p in table.items()}) for f in fields}
-        models.append({"model": _abs(model_paths[model]), "parameters": params})
+        models.append({"model": _reference(model_paths[model], base_path), "parameters": params})
 
     config: dict = {"merge_method": method.mergekit}
     # Linear averages the listed models only; giving it the base would add the base as an input.
@@ -121,6 +121,13 @@ def to_yaml(
     if config["merge_method"].startswith("dare"):
         header += "# DARE masks come from mergekit's RNG (--random-seed), not mergeopt's seed.\n"
     return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def _reference(path: Path, base_path: Path) -> str:
+    """How mergekit names a specialist: its folder, or ``BASE+ADAPTER`` for a LoRA adapter."""
+    from optimizer.adapters import is_adapter
+
+    return f"{_abs(base_path)}+{_abs(path)}" if is_adapter(path) else _abs(path)
 
 
 def _abs(path: Path) -> str:

@@ -8,6 +8,7 @@ commands that reproduce it, with mergeopt and, where the method exists there, wi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from statistics import mean
 
 from optimizer.merge import get_method
@@ -81,7 +82,11 @@ def model_card(
         f"mergeopt export {storage_arg} --trial {trial} --out DIR",
     ]
     if has_mergekit:
-        lines += ["mergekit-yaml mergekit.yaml DIR   # same tensors with mergekit (see mergekit.yaml)"]
+        from optimizer.adapters import is_adapter
+
+        # mergekit merges each adapter into a full model first, and needs a folder for those.
+        cache = " --lora-merge-cache CACHE_DIR" if any(is_adapter(Path(p)) for p in models.values()) else ""
+        lines += [f"mergekit-yaml mergekit.yaml DIR{cache}   # same tensors with mergekit (see mergekit.yaml)"]
     lines += ["```", ""]
     if not has_mergekit:
         lines += [

@@ -34,7 +34,7 @@ def _prepared(config_path: Path) -> Prepared:
 
     out = console()
     prepared = prepare(load_config(config_path))
-    for line in prepared.memory.lines():
+    for line in (*prepared.notes, *prepared.memory.lines()):
         out.print(line, highlight=False)
     return measured(prepared, lambda line: out.print(line, highlight=False))
 

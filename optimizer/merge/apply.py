@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from optimizer.errors import ConfigError
+from optimizer.low_rank import Delta, dense_all
 from optimizer.merge._registry import MergeMethod, get_method
 from optimizer.merge.plan import MergePlan
 from optimizer.models import describe
@@ -45,7 +46,7 @@ def merge_tensor(
     plan: MergePlan,
     name: str,
     base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
+    deltas: Sequence[Delta],
     method: MergeMethod | None = None,
     options: Mapping[str, object] | None = None,
 ) -> torch.Tensor:
@@ -59,13 +60,14 @@ def merge_tensor(
         )
     options = options if options is not None else resolved_options(method, plan)
     params = plan.for_tensor(describe(name))
-    return method.merge(name, base, deltas, params, options, _generator(plan, name))
+    # Adapters' task vectors are held as factors: expanded here, for this one tensor only.
+    return method.merge(name, base, dense_all(deltas), params, options, _generator(plan, name))
 
 
 def iter_merged(
     plan: MergePlan,
     base: Mapping[str, torch.Tensor],
-    deltas: Mapping[str, Sequence[torch.Tensor]],
+    deltas: Mapping[str, Sequence[Delta]],
     method: MergeMethod | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` for every tensor of the base, in checkpoint order.
@@ -81,7 +83,7 @@ def iter_merged(
 def merge_state_dict(
     plan: MergePlan,
     base: Mapping[str, torch.Tensor],
-    deltas: Mapping[str, Sequence[torch.Tensor]],
+    deltas: Mapping[str, Sequence[Delta]],
     method: MergeMethod | None = None,
 ) -> dict[str, torch.Tensor]:
     """A whole merged state dict (for exports and tests; engines prefer ``iter_merged``)."""

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from optimizer.checkpoints import ModelSet, load_task_vectors
+from optimizer.low_rank import Delta
 from optimizer.merge._registry import MergeMethod, get_method
 from optimizer.merge.apply import iter_merged, merge_tensor, resolved_options
 from optimizer.merge.plan import MergePlan
@@ -28,7 +29,7 @@ Placement = Literal["resident", "streamed"]
 __all__ = ["Placement", "iter_merged_streamed", "load_for_merging", "merged_tensors", "pin"]
 
 
-def pin(deltas: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+def pin(deltas: dict[str, list[Delta]]) -> dict[str, list[Delta]]:
     """Move the task vectors into page-locked (pinned) host memory, tensor by tensor, in place.
 
     Only pinned memory can be copied to the device asynchronously; pageable memory makes every
@@ -48,7 +49,7 @@ def pin(deltas: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
 def iter_merged_streamed(
     plan: MergePlan,
     base: Mapping[str, torch.Tensor],
-    host_deltas: Mapping[str, Sequence[torch.Tensor]],
+    host_deltas: Mapping[str, Sequence[Delta]],
     method: MergeMethod | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` on each base tensor's device, task vectors streamed in.
@@ -72,7 +73,7 @@ def iter_merged_streamed(
     copy_stream = torch.cuda.Stream(device=device)
     compute = torch.cuda.current_stream(device)
 
-    def fetch(name: str) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+    def fetch(name: str) -> tuple[list[Delta], torch.cuda.Event]:
         # The copy must not start before the compute stream is done with the buffers the caching
         # allocator may hand back (freed task vectors of two tensors ago).
         copy_stream.wait_stream(compute)
@@ -100,7 +101,7 @@ def load_for_merging(
     device: torch.device | str,
     placement: Placement = "resident",
     keep: Container[str] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, list[Delta]]]:
     """The base on ``device`` and the task vectors where ``placement`` says (the memory plan's choice)."""
     if placement == "resident":
         return load_task_vectors(models, dtype=dtype, device=device, keep=keep)
@@ -111,7 +112,7 @@ def load_for_merging(
 def merged_tensors(
     plan: MergePlan,
     base: Mapping[str, torch.Tensor],
-    deltas: Mapping[str, Sequence[torch.Tensor]],
+    deltas: Mapping[str, Sequence[Delta]],
     method: MergeMethod | None,
     placement: Placement = "resident",
 ) -> Iterator[tuple[str, torch.Tensor]]:

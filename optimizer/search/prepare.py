@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from optuna.study import StudyDirection
 
 from objectives.tasks import Task, load_tasks
+from optimizer.adapters import base_mismatch_warning, is_adapter, read_adapter
 from optimizer.checkpoints import ModelSet, check_compatible, model_config, read_shapes
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError
@@ -34,6 +35,7 @@ class Prepared:
     tasks: list[Task]
     space: SearchSpace
     memory: MemoryPlan
+    notes: tuple[str, ...] = ()  # lines worth a user's attention that are not errors
 
     @property
     def directions(self) -> list[StudyDirection]:
@@ -43,12 +45,26 @@ class Prepared:
 
 def check_models(config: StudyConfig) -> tuple[ModelSet, int]:
     """Resolve model paths and refuse missing or mismatched models; returns the layer count."""
-    models = ModelSet(config.path(config.base), {n: config.path(p) for n, p in config.models.items()})
-    base_shapes = read_shapes(models.base)
-    for name, path in models.specialists.items():
-        check_compatible(base_shapes, read_shapes(path), name)
-    num_layers = int(model_config(models.base).get("num_hidden_layers", 0))
+    models, num_layers, _ = _checked_models(config)
     return models, num_layers
+
+
+def _checked_models(config: StudyConfig) -> tuple[ModelSet, int, tuple[str, ...]]:
+    """:func:`check_models`, plus the notes a user should read (adapters trained on another path)."""
+    models = ModelSet(config.path(config.base), {n: config.model_path(n) for n in config.models})
+    base_shapes = read_shapes(models.base)
+    notes: list[str] = []
+    for name, path in models.specialists.items():
+        if is_adapter(path):
+            adapter = read_adapter(path, name)
+            adapter.check_against(base_shapes, name)
+            note = base_mismatch_warning(adapter, models.base, name)
+            if note:
+                notes.append(note)
+        else:
+            check_compatible(base_shapes, read_shapes(path), name)
+    num_layers = int(model_config(models.base).get("num_hidden_layers", 0))
+    return models, num_layers, tuple(notes)
 
 
 def check_engine(config: StudyConfig) -> None:
@@ -72,10 +88,10 @@ def prepare(config: StudyConfig, *, layer_overrides: tuple[str, ...] = ()) -> Pr
     records them; :func:`optimizer.search.study.open_study` passes them on).
     """
     check_engine(config)
-    models, num_layers = check_models(config)
+    models, num_layers, notes = _checked_models(config)
     memory = plan_memory(config, models, Machine.here())
     tasks = load_tasks(config)
-    return Prepared(config, models, tasks, SearchSpace(config, num_layers, layer_overrides), memory)
+    return Prepared(config, models, tasks, SearchSpace(config, num_layers, layer_overrides), memory, notes)
 
 
 def measured(prepared: Prepared, say: Callable[[str], None] = lambda _: None) -> Prepared:

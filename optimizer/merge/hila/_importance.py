@@ -22,6 +22,7 @@ import torch
 
 from optimizer.checkpoints import ModelSet, load_state_dict, load_task_vector, model_config, torch_dtype
 from optimizer.errors import ConfigError, DataError
+from optimizer.low_rank import dense
 from optimizer.merge.hila._units import Unit, check_fits, unit_slices
 from optimizer.tokens import encode_pair
 
@@ -109,7 +110,8 @@ class _Probe:
     @torch.no_grad()
     def load(self, model: str, at: float = 1.0) -> None:
         """Weights ← θ₀ + at·τₘ; τₘ (float32) is kept for removals and gradient products."""
-        self.tau = load_task_vector(self.base, self.models.specialists[model], model)
+        # One specialist's τ at a time, dense (an adapter's factors expanded for this measurement only).
+        self.tau = {k: dense(v) for k, v in load_task_vector(self.base, self.models.specialists[model], model).items()}
         for name, b in self.base.items():
             self.params[name].copy_(b + at * self.tau[name])
 
