@@ -147,8 +147,8 @@ class VllmConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_model_len: int | None = Field(default=None, gt=0)
     max_num_seqs: int | None = Field(default=None, gt=0)
-    # Skip torch.compile and graph capture: on the real zoo's CPU runs the engine starts in about
-    # half the time and scores ~8 % slower (benchmarks/README.md) — for short studies and tests.
+    # Skip torch.compile and graph capture: on the real zoo's CPU runs the engine starts in 80 s
+    # instead of 121 s and scores 4 % slower (benchmarks/README.md) — for short studies and tests.
     enforce_eager: bool = False
     # KV cache of vLLM's CPU build, in GiB (its VLLM_CPU_KVCACHE_SPACE; mergeopt's default 1).
     cpu_kv_cache_gib: float | None = Field(default=None, gt=0.0)
