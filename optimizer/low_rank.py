@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Delta", "LowRankDelta", "dense", "dense_all", "nbytes"]
+__all__ = ["Delta", "LowRankDelta", "all_zero", "dense", "dense_all", "nbytes"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class LowRankDelta:
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+    @property
+    def is_zero(self) -> bool:
+        """Nothing to add: a tensor the adapter leaves alone."""
+        return self.rank == 0 and self.dense_part is None
 
     def expand(self) -> torch.Tensor:
         """The dense task vector of this one tensor (in the factors' dtype, computed in float32)."""
@@ -100,6 +105,11 @@ Delta = torch.Tensor | LowRankDelta
 def dense(delta: Delta) -> torch.Tensor:
     """A task vector as a tensor, expanding it if it is held as factors."""
     return delta.expand() if isinstance(delta, LowRankDelta) else delta
+
+
+def all_zero(deltas: Sequence[Delta]) -> bool:
+    """Every specialist leaves this tensor alone (adapters that do not adapt it): it merges to the base."""
+    return bool(deltas) and all(isinstance(d, LowRankDelta) and d.is_zero for d in deltas)
 
 
 def dense_all(deltas: Sequence[Delta]) -> list[torch.Tensor]:

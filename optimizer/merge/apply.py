@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from optimizer.errors import ConfigError
-from optimizer.low_rank import Delta, dense_all
+from optimizer.low_rank import Delta, all_zero, dense_all
 from optimizer.merge._registry import MergeMethod, get_method
 from optimizer.merge.plan import MergePlan
 from optimizer.models import describe
@@ -59,6 +59,10 @@ def merge_tensor(
             " (`mergeopt search`), or bind it with optimizer.merge.study_data.bind"
         )
     options = options if options is not None else resolved_options(method, plan)
+    if all_zero(deltas):
+        # Only adapters, none of which adapts this tensor: every method merges zero task vectors
+        # to the base, so skip expanding N zero tensors (an embedding's worth each).
+        return base.clone()
     params = plan.for_tensor(describe(name))
     # Adapters' task vectors are held as factors: expanded here, for this one tensor only.
     return method.merge(name, base, dense_all(deltas), params, options, _generator(plan, name))
