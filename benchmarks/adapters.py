@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from optimizer.checkpoints import ModelSet, load_task_vectors  # noqa: E402
-from optimizer.low_rank import LowRankDelta, nbytes  # noqa: E402
+from optimizer.low_rank import LowRankDelta, all_zero, nbytes  # noqa: E402
 from optimizer.merge import MergePlan, ModelParams  # noqa: E402
 from optimizer.merge.apply import iter_merged  # noqa: E402
 
@@ -114,7 +114,9 @@ def merge_times(models_low: ModelSet, models_full: ModelSet, repeats: int) -> di
     def stacked() -> None:
         for name, b in base.items():
             taus = low[name]
-            if all(isinstance(t, LowRankDelta) and t.rank > 0 and t.dense_part is None for t in taus):
+            if all_zero(taus):  # as merge_tensor does: untouched tensors are the base
+                b.clone()
+            elif all(isinstance(t, LowRankDelta) and t.rank > 0 and t.dense_part is None for t in taus):
                 bs = torch.cat([t.B * (w * t.scale) for t, w in zip(taus, weights, strict=True)], dim=1)
                 a = torch.cat([t.A for t in taus], dim=0)
                 torch.addmm(b, bs, a)
@@ -171,6 +173,10 @@ def main() -> None:
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "adapters.json"
+    if args.skip_memory and path.exists():  # keep the memory part of the last full run
+        previous = json.loads(path.read_text())
+        if "memory" in previous:
+            result["memory"] = {**previous["memory"], "date": previous.get("date")}
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

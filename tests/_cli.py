@@ -67,3 +67,16 @@ def zoo_config(name: str = "t", *, limit: int = 12, **overrides: object) -> dict
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def trial_states(db: Path) -> dict[str, int]:
+    """Trials per state in a study's SQLite file, read-only (what a test polls to kill a search mid-study)."""
+    import sqlite3
+
+    if not db.is_file():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return dict(con.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+    except sqlite3.Error:
+        return {}

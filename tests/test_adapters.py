@@ -19,7 +19,7 @@ from optimizer.checkpoints import ModelSet, load_task_vectors
 from optimizer.merge import MergePlan, ModelParams, get_method, method_names
 from optimizer.merge.apply import iter_merged
 from optimizer.merge.regmean import RegMeanMerge, gram_key
-from tests._cli import run_cli, write_config, zoo_config
+from tests._cli import run_cli, trial_states, write_config, zoo_config
 
 ADAPTERS = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -226,18 +226,6 @@ def test_a_bad_adapter_is_refused_in_one_line(case: str, zoo, tmp_path: Path) ->
     assert not (tmp_path / "studies").exists()
 
 
-def _states(db: Path) -> dict[str, int]:
-    import sqlite3
-
-    if not db.exists():
-        return {}
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return dict(con.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
-    except sqlite3.Error:
-        return {}
-
-
 def test_a_study_mixing_a_full_fine_tune_and_two_adapters(lora_zoo, tmp_path: Path) -> None:
     """Search (SIGKILLed mid-study, then resumed), export, and the export reproduces its trial."""
     import os
@@ -270,7 +258,7 @@ def test_a_study_mixing_a_full_fine_tune_and_two_adapters(lora_zoo, tmp_path: Pa
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            s = _states(db)
+            s = trial_states(db)
             if s.get("COMPLETE", 0) >= 3:  # killed at once, mid-trial or between two
                 break
             assert proc.poll() is None, f"the search ended before it could be killed: {proc.stderr.read()[-2000:]}"

@@ -23,7 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests._cli import run_cli, write_config
+from tests._cli import run_cli, trial_states, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -105,18 +105,6 @@ def test_the_real_zoo_is_a_merge_problem_saved_as_hub_checkpoints(real_zoo) -> N
         assert config.get("chat_template") or (folder / "chat_template.jinja").is_file()
 
 
-def _states(db: Path) -> dict[str, int]:
-    import sqlite3
-
-    if not db.is_file():
-        return {}
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return dict(con.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
-    except sqlite3.Error:
-        return {}
-
-
 @pytest.fixture(scope="module")
 def real_study(real_zoo, tmp_path_factory) -> tuple[Path, Path]:
     """A per-layer task-arithmetic search on the real zoo (baselines, TIES among them, plus two
@@ -135,7 +123,7 @@ def real_study(real_zoo, tmp_path_factory) -> tuple[Path, Path]:
     try:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
-            s = _states(db)
+            s = trial_states(db)
             if s.get("COMPLETE", 0) >= 3 and s.get("RUNNING", 0) == 1:
                 break
             assert proc.poll() is None, "the search ended before it could be killed"

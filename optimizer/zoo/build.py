@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MIN_SPECIALIST_GAIN",
     "MIN_TA_LOSS",
+    "merge_problem_criteria",
     "ZOO_VERSION",
     "build_zoo",
     "cached_build",
@@ -57,6 +58,18 @@ _ZOO_JSON = "zoo.json"
 # the build bit-reproducible, and on a shared box a second thread that has to wait for a busy core
 # at every OpenMP barrier made training 5-10x slower, not faster (measured on 2 shared cores).
 _THREADS = 1
+
+def merge_problem_criteria(gain: Mapping[str, float], loss: Mapping[str, float]) -> dict[str, object]:
+    """What makes a zoo a merge problem, as its zoo.json records it (both zoos use the same bar)."""
+    return {
+        "specialists_beat_base": all(g >= MIN_SPECIALIST_GAIN for g in gain.values()),
+        "task_arithmetic_loses": any(x >= MIN_TA_LOSS for x in loss.values()),
+        "min_specialist_gain": MIN_SPECIALIST_GAIN,
+        "min_task_arithmetic_loss": MIN_TA_LOSS,
+        "specialist_gain": {t: round(g, 4) for t, g in gain.items()},
+        "task_arithmetic_loss": {t: round(x, 4) for t, x in loss.items()},
+    }
+
 
 
 def default_zoo_dir(seed: int = 0) -> Path:
@@ -290,14 +303,7 @@ def _train_and_measure(tmp: Path, *, seed: int, recipe: Recipe, say: Callable[[s
         "metric": "exact_match",
         "eval_split": "held_out",
         "scores": scores,
-        "criteria": {
-            "specialists_beat_base": all(g >= MIN_SPECIALIST_GAIN for g in gain.values()),
-            "task_arithmetic_loses": any(x >= MIN_TA_LOSS for x in loss.values()),
-            "min_specialist_gain": MIN_SPECIALIST_GAIN,
-            "min_task_arithmetic_loss": MIN_TA_LOSS,
-            "specialist_gain": {t: round(g, 4) for t, g in gain.items()},
-            "task_arithmetic_loss": {t: round(x, 4) for t, x in loss.items()},
-        },
+        "criteria": merge_problem_criteria(gain, loss),
         "task_vectors": task_vector_stats(tmp, TASK_NAMES),
         "training": training,
         "recipe": recipe.to_dict(),

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizer.errors import MergeoptError
-from optimizer.zoo.build import MIN_SPECIALIST_GAIN, MIN_TA_LOSS, cached_build
+from optimizer.zoo.build import MIN_SPECIALIST_GAIN, MIN_TA_LOSS, cached_build, merge_problem_criteria
 from optimizer.zoo.chat_tasks import CHAT_TASK_NAMES, CHAT_TASKS, Row, make_splits
 from optimizer.zoo.stats import task_vector_stats
 
@@ -194,14 +194,7 @@ def _train_and_measure(tmp: Path, *, seed: int, recipe: RealRecipe, say: Callabl
         "metric": "exact_match",
         "eval_split": "held_out",
         "scores": scores,
-        "criteria": {
-            "specialists_beat_base": all(g >= MIN_SPECIALIST_GAIN for g in gain.values()),
-            "task_arithmetic_loses": any(x >= MIN_TA_LOSS for x in loss.values()),
-            "min_specialist_gain": MIN_SPECIALIST_GAIN,
-            "min_task_arithmetic_loss": MIN_TA_LOSS,
-            "specialist_gain": {t: round(g, 4) for t, g in gain.items()},
-            "task_arithmetic_loss": {t: round(x, 4) for t, x in loss.items()},
-        },
+        "criteria": merge_problem_criteria(gain, loss),
         "task_vectors": task_vector_stats(tmp, CHAT_TASK_NAMES),
         "training": training,
         "recipe": recipe.to_dict(),
