@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,6 +69,7 @@ class Adapter:
     lora: dict[str, _Lora] = field(default_factory=dict)  # base tensor name → its factors
     full: dict[str, str] = field(default_factory=dict)  # base tensor name → full tensor in the file
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every key of the file
+    _handle: Any = field(default=None, repr=False, compare=False)
 
     @property
     def weights(self) -> Path:
@@ -105,29 +107,32 @@ class Adapter:
         self, base: Mapping[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device | str
     ) -> dict[str, LowRankDelta]:
         """This adapter's task vector for every tensor of ``base``, as factors (rank 0 where untouched)."""
-        from safetensors import safe_open
+        return {name: self.delta(name, b, dtype=dtype, device=device) for name, b in base.items()}
 
-        out: dict[str, LowRankDelta] = {}
-        with safe_open(str(self.weights), framework="pt") as f:
-            for name, b in base.items():
-                shape = tuple(b.shape)
-                dense_part = None
-                if name in self.full:
-                    saved = f.get_tensor(self.full[name]).to(dtype=torch.float32)
-                    diff = saved.to(b.device) - b.float()
-                    if bool(diff.any()):
-                        dense_part = diff.to(dtype=dtype, device=device)
-                lora = self.lora.get(name)
-                if lora is None:
-                    delta = LowRankDelta.zero(shape, dtype, device)
-                else:
-                    a = f.get_tensor(lora.a_key).to(dtype=dtype, device=device)
-                    bb = f.get_tensor(lora.b_key).to(dtype=dtype, device=device)
-                    delta = LowRankDelta(bb, a, lora.scale, shape, transpose=lora.embedding)
-                if dense_part is not None:
-                    delta = LowRankDelta(delta.B, delta.A, delta.scale, shape, delta.transpose, dense_part)
-                out[name] = delta
-        return out
+    def delta(self, name: str, base: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str) -> LowRankDelta:
+        """The task vector of one tensor (``base`` is the study base's), read from the open file."""
+        f = self._file()
+        shape = tuple(base.shape)
+        dense_part = None
+        if name in self.full:
+            diff = f.get_tensor(self.full[name]).to(device=base.device, dtype=torch.float32) - base.float()
+            if bool(diff.any()):
+                dense_part = diff.to(dtype=dtype, device=device)
+        lora = self.lora.get(name)
+        if lora is None:
+            zero = LowRankDelta.zero(shape, dtype, device)
+            return zero if dense_part is None else LowRankDelta(zero.B, zero.A, 0.0, shape, dense_part=dense_part)
+        a = f.get_tensor(lora.a_key).to(dtype=dtype, device=device)
+        b = f.get_tensor(lora.b_key).to(dtype=dtype, device=device)
+        return LowRankDelta(b, a, lora.scale, shape, transpose=lora.embedding, dense_part=dense_part)
+
+    def _file(self) -> Any:
+        """The adapter's safetensors file, opened (memory-mapped) once and kept open."""
+        if self._handle is None:
+            from safetensors import safe_open
+
+            self._handle = safe_open(str(self.weights), framework="pt")
+        return self._handle
 
 
 def read_adapter(path: Path, name: str) -> Adapter:

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import torch
 
-from optimizer.adapters import is_adapter, read_adapter
+from optimizer.adapters import Adapter, is_adapter, read_adapter
 from optimizer.errors import ConfigError, ModelError
 from optimizer.low_rank import Delta
 
 __all__ = [
     "DTYPES",
+    "CheckpointReader",
     "ModelSet",
     "check_compatible",
+    "check_specialist",
     "load_state_dict",
     "load_task_vector",
     "load_task_vectors",
@@ -189,6 +191,16 @@ def check_compatible(
             f"model {other_name!r} has tensor {extra[0]!r} that the base lacks; all models must be"
             " fine-tunes of the same base architecture"
         )
+
+
+def check_specialist(path: Path, name: str, base_shapes: Mapping[str, tuple[int, ...]]) -> Adapter | None:
+    """Refuse a specialist that does not fit the base, from headers alone; its :class:`Adapter` if it is one."""
+    if is_adapter(path):
+        adapter = read_adapter(path, name)
+        adapter.check_against(base_shapes, name)
+        return adapter
+    check_compatible(base_shapes, read_shapes(path), name)
+    return None
 
 
 def load_task_vector(

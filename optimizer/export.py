@@ -20,13 +20,13 @@ import torch
 from optuna.trial import TrialState
 from safetensors import SafetensorError
 
-from optimizer.adapters import Adapter, is_adapter, read_adapter
+from optimizer.adapters import Adapter
 from optimizer.atomic import building_dir
 from optimizer.checkpoints import (
     DTYPES,
     CheckpointReader,
     ModelSet,
-    check_compatible,
+    check_specialist,
     model_config,
     read_shapes,
     torch_dtype,
@@ -121,19 +121,13 @@ def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None 
     specialists: list[CheckpointReader | Adapter] = []
     for name in plan.models:  # the models may have changed on disk since the study scored them
         path = models.specialists[name]
-        if is_adapter(path):
-            adapter = read_adapter(path, name)
-            adapter.check_against(shapes, name)
-            specialists.append(adapter)
-        else:
-            check_compatible(shapes, read_shapes(path), name)
-            specialists.append(CheckpointReader(path))
+        specialists.append(check_specialist(path, name, shapes) or CheckpointReader(path))
     method = method or get_method(plan.method)
     options = resolved_options(method, plan)
 
     def delta(source: CheckpointReader | Adapter, name: str, b: torch.Tensor) -> Delta:
         if isinstance(source, Adapter):
-            return source.deltas({name: b}, dtype=torch.float32, device="cpu")[name]
+            return source.delta(name, b, dtype=torch.float32, device="cpu")
         return source.get(name) - b
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:

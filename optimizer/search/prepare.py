@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from optuna.study import StudyDirection
 
 from objectives.tasks import Task, load_tasks
-from optimizer.adapters import base_mismatch_warning, is_adapter, read_adapter
-from optimizer.checkpoints import ModelSet, check_compatible, model_config, read_shapes
+from optimizer.adapters import base_mismatch_warning
+from optimizer.checkpoints import ModelSet, check_specialist, model_config, read_shapes
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError
 from optimizer.memory_plan import Machine, MemoryPlan, plan_memory
@@ -55,14 +55,10 @@ def _checked_models(config: StudyConfig) -> tuple[ModelSet, int, tuple[str, ...]
     base_shapes = read_shapes(models.base)
     notes: list[str] = []
     for name, path in models.specialists.items():
-        if is_adapter(path):
-            adapter = read_adapter(path, name)
-            adapter.check_against(base_shapes, name)
-            note = base_mismatch_warning(adapter, models.base, name)
-            if note:
-                notes.append(note)
-        else:
-            check_compatible(base_shapes, read_shapes(path), name)
+        adapter = check_specialist(path, name, base_shapes)
+        note = base_mismatch_warning(adapter, models.base, name) if adapter else None
+        if note:
+            notes.append(note)
     num_layers = int(model_config(models.base).get("num_hidden_layers", 0))
     return models, num_layers, tuple(notes)
 
