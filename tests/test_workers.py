@@ -46,11 +46,21 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_TH
 N_BASELINES = 5 + len(zoo_tasks())  # base, uniform average, TA 1.0 / 0.5, TIES, each specialist
 
 
-def _spawn(cwd: Path, log: str, *args: str) -> subprocess.Popen:
-    """``mergeopt ARGS`` in the background, its output in ``cwd/log`` (a pipe could fill and block it)."""
+def _spawn(cwd: Path, log: str, *args: str, nice: int = 0) -> subprocess.Popen:
+    """``mergeopt ARGS`` in the background, its output in ``cwd/log`` (a pipe could fill and block it).
+
+    ``nice`` lowers its CPU priority: processes already running trials are niced so that a worker
+    started later gets the cores it needs to start (on 2 cores, two busy searches would otherwise
+    finish a study before a third process has even imported its libraries).
+    """
     out = (cwd / log).open("w")
     return subprocess.Popen(
-        [sys.executable, "-m", "optimizer.cli", *args], cwd=cwd, env=ENV, stdout=out, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "optimizer.cli", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: os.nice(nice)) if nice else None,
     )
 
 
@@ -136,13 +146,13 @@ def _check_recovered(study: optuna.Study, target: int, killed: int) -> None:
 def test_three_workers_on_postgresql_one_killed(zoo, tmp_path: Path, postgres_server: PostgresServer) -> None:  # noqa: F811
     """Two `search`es race to create a new study, a `worker` joins; one search is SIGKILLed mid-trial."""
     url = postgres_server.create_database(f"w_{uuid.uuid4().hex[:12]}")
-    # Enough trials, each slow enough, that the late worker joins long before the searches finish
-    # (a worker needs ~7 s to start here: Python, the tokenizer, the engine; a trial on 40 examples
-    # per task takes the two searches ~0.5 s).
-    target = 48
+    # Enough trials that the late worker joins long before the searches finish: a worker needs
+    # ~8 s of CPU to start (Python, transformers, the tokenizer, the engine) and the two searches
+    # finish ~2 trials a second between them, so they run niced while it starts.
+    target = 80
     write_config(tmp_path / "s.yaml", zoo_config("pg", limit=40, storage=url, search={"trials": target, "seed": 0}))
-    a = _spawn(tmp_path, "a.log", "search", "s.yaml")
-    b = _spawn(tmp_path, "b.log", "search", "s.yaml")
+    a = _spawn(tmp_path, "a.log", "search", "s.yaml", nice=15)
+    b = _spawn(tmp_path, "b.log", "search", "s.yaml", nice=15)
     try:
         study = _study(url, "pg")
         c = _spawn(tmp_path, "c.log", "worker", "--storage", url, "--study", "pg")
@@ -165,12 +175,12 @@ def test_three_workers_on_postgresql_one_killed(zoo, tmp_path: Path, postgres_se
 def test_two_workers_on_a_journal_one_killed_then_status(zoo, tmp_path: Path) -> None:
     """`search` and a `worker` share a journal; the search is SIGKILLed mid-trial; status reads the result."""
     journal = tmp_path / "j" / "study.log"
-    target = 40
+    target = 80  # the worker joins after ~30 of them on 2 cores
     write_config(
         tmp_path / "s.yaml",
         zoo_config("jr", limit=12, storage=f"journal://{journal}", search={"trials": target, "seed": 0}),
     )
-    a = _spawn(tmp_path, "a.log", "search", "s.yaml")
+    a = _spawn(tmp_path, "a.log", "search", "s.yaml", nice=15)
     try:
         study = _study(str(journal), "jr")
         b = _spawn(tmp_path, "b.log", "worker", "--storage", str(journal), "--study", "jr")
