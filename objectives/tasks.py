@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from objectives.data import load_split
 from objectives.formats import PromptFormat, Verdict
@@ -22,7 +22,10 @@ from optimizer.engines.base import Engine
 from optimizer.errors import ConfigError, DataError, ModelError
 from optimizer.tokens import TokenizerInfo, tokenizer_info
 
-__all__ = ["Task", "load_tasks", "score_tasks"]
+if TYPE_CHECKING:
+    from objectives.harness_tasks import HarnessTask
+
+__all__ = ["AnyTask", "Task", "load_tasks", "native", "only_native", "score_tasks"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,53 @@ class Task:
             return self.held_out
         raise ValueError(f"unknown split {split!r}; use 'search' or 'held_out'")
 
+    @property
+    def binary(self) -> bool:
+        return self.metric.binary
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric.name
+
+    def size(self, split: str) -> int:
+        return len(self.examples(split))
+
     def score(self, engine: Engine, split: str = "search") -> MetricResult:
         return self.metric.score(engine, self.examples(split))
 
 
-def score_tasks(engine: Engine, tasks: Sequence[Task], split: str = "search") -> list[MetricResult]:
-    """Every task's score on ``split``, the tasks sharing the engine's batches (one call per kind)."""
-    return score_together(engine, [(task.metric, task.examples(split)) for task in tasks])
+#: An objective: examples from a data file (:class:`Task`) or an lm-eval task (``HarnessTask``).
+AnyTask: TypeAlias = "Task | HarnessTask"
+
+
+def native(tasks: Sequence[AnyTask]) -> list[Task]:
+    """The objectives scored from data files (those whose prompts mergeopt renders itself)."""
+    return [task for task in tasks if isinstance(task, Task)]
+
+
+def only_native(tasks: Sequence[AnyTask], feature: str) -> list[Task]:
+    """``tasks``, all data-file objectives, or one line saying ``feature`` needs them."""
+    harness = [task.name for task in tasks if not isinstance(task, Task)]
+    if harness:
+        raise ConfigError(
+            f"{feature} works on data-file objectives; objective {harness[0]!r} is an lm-eval task"
+            f" (score it in a study without {feature}, or give the objective a data file)"
+        )
+    return native(tasks)
+
+
+def score_tasks(engine: Engine, tasks: Sequence[AnyTask], split: str = "search") -> list[MetricResult]:
+    """Every task's score on ``split``, the tasks sharing the engine's batches: data-file tasks one
+    call per request kind, lm-eval tasks one harness evaluation for all of them."""
+    mine = native(tasks)
+    scores = score_together(engine, [(t.metric, t.examples(split)) for t in mine]) if mine else []
+    results = dict(zip((t.name for t in mine), scores, strict=True))
+    harness = [task for task in tasks if not isinstance(task, Task)]
+    if harness:
+        from objectives.harness_tasks import score_harness
+
+        results.update(zip((t.name for t in harness), score_harness(engine, harness, split), strict=True))
+    return [results[task.name] for task in tasks]
 
 
 def _check_fields(rows: Sequence[dict], fields: Sequence[str], where: str) -> None:
@@ -147,11 +190,30 @@ def _check_rows(obj: ObjectiveConfig, metric: Metric, rows: Sequence[dict], wher
                     )
 
 
-def load_tasks(config: StudyConfig) -> list[Task]:
+def _harness_task(obj: ObjectiveConfig, config: StudyConfig, tokenizer: _BaseTokenizer, seen: dict[str, str]) -> Any:
+    from objectives.harness_tasks import load_harness_task
+
+    task = load_harness_task(obj, config, tokenizer.get())
+    for split in ("search", "held_out"):
+        for leaf in task.docs[split]:
+            if seen.setdefault(leaf, obj.name) != obj.name:
+                raise ConfigError(
+                    f"objective {obj.name!r}: lm-eval task {leaf!r} is already scored by objective"
+                    f" {seen[leaf]!r}; an lm-eval task may feed one objective"
+                )
+    return task
+
+
+def load_tasks(config: StudyConfig) -> list[AnyTask]:
     """Load and check every objective's data, and render every prompt once."""
     tokenizer = _BaseTokenizer(config.path(config.base))
-    tasks = []
+    tasks: list[AnyTask] = []
+    seen: dict[str, str] = {}
     for obj in config.objectives:
+        if obj.lm_eval is not None:
+            tasks.append(_harness_task(obj, config, tokenizer, seen))
+            continue
+        assert obj.data is not None and obj.metric is not None  # the config's validator saw to it
         path: Path = config.path(obj.data)
         search = load_split(path, obj.search_split)[: obj.limit]
         held_out = load_split(path, obj.held_out_split)[: obj.held_out_limit]

@@ -57,12 +57,47 @@ class Bounds(_Strict):
         return self
 
 
+class LmEvalConfig(_Strict):
+    """An lm-evaluation-harness task (or group) as an objective, scored by the harness's own pipeline.
+
+    ``task`` is found among the YAMLs under ``include_path`` (relative to this config file), else
+    among the harness's built-in tasks; the task's own YAML reads its data files as the harness
+    does (relative to the working directory). ``metric`` and ``filter`` pick the number the study
+    optimises (default: the task's first metric, its first filter); its direction is the task's.
+    ``split``: ``seeded`` shuffles the task's evaluation docs with the study's seed, the objective's
+    ``limit`` first ones for the search and the next ``held_out_limit`` held out (default: half
+    each); ``task`` searches on the task's validation split and holds out its test split.
+    """
+
+    task: str
+    include_path: str | None = None
+    metric: str | None = None
+    filter: str | None = None
+    split: Literal["seeded", "task"] = "seeded"
+    num_fewshot: int | None = Field(default=None, ge=0)  # overrides the task's own (as lm_eval --num_fewshot)
+    chat: bool = False  # lm_eval --apply_chat_template
+    system: str | None = None  # lm_eval --system_instruction
+    fewshot_as_multiturn: bool = False
+
+
+#: Options of a data-file objective that an lm-eval objective takes from its task YAML instead.
+_DATA_ONLY = (
+    "metric",
+    "prompt_template",
+    "target_template",
+    "extract",
+    "add_bos",
+    "system",
+)
+
+
 class ObjectiveConfig(_Strict):
-    """One task: its data, its metric, and how to read its examples."""
+    """One task: its data, its metric, and how to read its examples (or an lm-eval task: ``lm_eval``)."""
 
     name: str
-    data: str
-    metric: Literal["exact_match", "mc_loglik", "nll"]
+    data: str | None = None
+    metric: Literal["exact_match", "mc_loglik", "nll"] | None = None
+    lm_eval: LmEvalConfig | None = None
     search_split: str = "search"
     held_out_split: str = "held_out"
     prompt_field: str = "prompt"
@@ -104,6 +139,18 @@ class ObjectiveConfig(_Strict):
 
     @model_validator(mode="after")
     def _format(self) -> ObjectiveConfig:
+        if self.lm_eval is not None:
+            given = [k for k in ("data", *_DATA_ONLY) if getattr(self, k) is not None]
+            given += [k for k in ("chat", "fewshot") if getattr(self, k)]
+            if given:
+                raise ValueError(
+                    f"'{given[0]}' is an option of data-file objectives; an lm_eval objective takes its"
+                    " prompts, metric and answer filters from the task (set lm_eval.metric / lm_eval.filter,"
+                    " lm_eval.chat, lm_eval.num_fewshot) — remove it"
+                )
+            return self
+        if self.data is None or self.metric is None:
+            raise ValueError("an objective needs 'data' and 'metric' (a data folder or file), or an 'lm_eval' task")
         if self.system is not None and not self.chat:
             raise ValueError("system is a chat message; set chat: true, or put the text in the prompt_template")
         if self.extract is not None and self.metric != "exact_match":

@@ -9,12 +9,17 @@ printed here as one line on stderr with exit code 2. Nothing outside this packag
 
 from __future__ import annotations
 
+import os
 import sys
 
-import typer
+# A study's log shows trials, not libraries' progress bars (lm-eval draws one per task per trial,
+# datasets one per split it reads); tqdm reads this when it is first imported, so it is set first.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
-from optimizer.cli import analyze, search, study, zoo
-from optimizer.errors import MergeoptError
+import typer  # noqa: E402
+
+from optimizer.cli import analyze, search, study, zoo  # noqa: E402
+from optimizer.errors import MergeoptError  # noqa: E402
 
 __all__ = ["app", "main"]
 

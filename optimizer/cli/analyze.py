@@ -84,6 +84,7 @@ def golden(
 ) -> None:
     """Each specialist answers its task's prompts greedily: golden data for metric nll / exact_match."""
     from objectives.golden import generate_golden, read_manifest
+    from objectives.tasks import only_native
     from optimizer.config import load_config
     from optimizer.engines import study_engine
     from optimizer.search.prepare import prepare
@@ -97,7 +98,7 @@ def golden(
     with study_engine(cfg, prepared.models, memory=prepared.memory) as engine:
         written = generate_golden(
             cfg,
-            prepared.tasks,
+            only_native(prepared.tasks, "golden data"),  # the specialists answer prompts mergeopt renders
             engine,
             out_dir=target,
             max_tokens=max_tokens,

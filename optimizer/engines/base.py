@@ -60,6 +60,11 @@ class Engine(ABC):
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
         """Score each ``(context, continuation)`` under the current weights."""
 
+    def loglikelihood_tokens(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[LogLikelihood]:
+        """Score each ``(context ids, continuation ids)``: for callers that tokenize by rules of their
+        own (lm-evaluation-harness splits the joint encoding of context and continuation)."""
+        raise NotImplementedError(f"{self.name} scores text requests only")
+
     def generate_batches(self, batches: Sequence[GenerateBatch]) -> list[list[str]]:
         """:meth:`generate` for several batches with limits of their own, in as few engine calls as
         the engine allows (vLLM: one, with per-prompt sampling parameters, so every task's prompts

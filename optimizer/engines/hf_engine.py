@@ -92,9 +92,12 @@ class HFEngine(Engine):
         )
         return [_cut_at_stop(text, stop) for text in outputs]
 
-    @torch.no_grad()
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
-        encoded = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
+        return self.loglikelihood_tokens([encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests])
+
+    @torch.no_grad()
+    def loglikelihood_tokens(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[LogLikelihood]:
+        encoded = list(requests)
         results: list[LogLikelihood] = []
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(encoded), self.batch_size):

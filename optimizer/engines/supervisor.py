@@ -164,6 +164,9 @@ class EngineSupervisor(Engine):
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
         return self().loglikelihood(requests)
 
+    def loglikelihood_tokens(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[LogLikelihood]:
+        return self().loglikelihood_tokens(requests)
+
     def generate_batches(self, batches: Sequence[GenerateBatch]) -> list[list[str]]:
         return self().generate_batches(batches)
 

@@ -136,9 +136,14 @@ class VLLMEngine(Engine):
         return out
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LogLikelihood]:
+        return self.loglikelihood_tokens([encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests])
+
+    def loglikelihood_tokens(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[LogLikelihood]:
         from vllm.inputs import TokensPrompt
 
-        encoded = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in requests]
+        encoded = list(requests)
+        if not encoded:
+            return []
         prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in encoded]
         # prompt_logprobs=1: each position's actual token plus the top-1 (for is_greedy).
         params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=1)

@@ -96,7 +96,7 @@ def _write(
     from optimizer.report.render import ReportContext, render_html, render_markdown
 
     tasks = study.metric_names or [t.name for t in prepared.tasks]
-    metrics = [t.metric.name for t in prepared.tasks]
+    metrics = [t.metric_name for t in prepared.tasks]
     config = prepared.config
     write_tables(rows, refs, tasks, tmp)
     images = {"Pareto front": tmp / "front.png", "Hypervolume over trials": tmp / "hypervolume.png"}

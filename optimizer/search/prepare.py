@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from optuna.study import StudyDirection
 
-from objectives.tasks import Task, load_tasks
+from objectives.tasks import AnyTask, load_tasks, only_native
 from optimizer.adapters import base_mismatch_warning
 from optimizer.checkpoints import ModelSet, check_specialist, model_config, read_shapes
 from optimizer.config import StudyConfig
@@ -32,7 +32,7 @@ class Prepared:
 
     config: StudyConfig
     models: ModelSet
-    tasks: list[Task]
+    tasks: list[AnyTask]
     space: SearchSpace
     memory: MemoryPlan
     notes: tuple[str, ...] = ()  # lines worth a user's attention that are not errors
@@ -87,6 +87,8 @@ def prepare(config: StudyConfig, *, layer_overrides: tuple[str, ...] = ()) -> Pr
     models, num_layers, notes = _checked_models(config)
     memory = plan_memory(config, models, Machine.here())
     tasks = load_tasks(config)
+    if config.search.early_rejection is not None:
+        only_native(tasks, "early_rejection")  # it scores growing shares of each task's examples
     return Prepared(config, models, tasks, SearchSpace(config, num_layers, layer_overrides), memory, notes)
 
 

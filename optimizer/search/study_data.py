@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from objectives.golden import generate_golden, golden_by_specialist
-from objectives.tasks import Task
+from objectives.tasks import AnyTask, Task, only_native
 from optimizer.checkpoints import ModelSet
 from optimizer.config import StudyConfig
 from optimizer.engines import Engine, EngineSupervisor, make_engine
@@ -32,7 +32,7 @@ __all__ = ["ensure_study_data"]
 class _Inputs:
     """The study's side of :class:`~optimizer.merge._registry.StudyInputs` (golden data made on first use)."""
 
-    def __init__(self, config: StudyConfig, models: ModelSet, tasks: Sequence[Task], say: Callable[[str], None]):
+    def __init__(self, config: StudyConfig, models: ModelSet, tasks: Sequence[AnyTask], say: Callable[[str], None]):
         self.config = config
         self._models = models
         self.tasks = {t.name: t for t in tasks}
@@ -43,7 +43,7 @@ class _Inputs:
     def models(self) -> ModelSet:
         return self._models
 
-    def _own(self, model: str) -> list[Task]:
+    def _own(self, model: str) -> list[AnyTask]:
         """The model's own tasks (the config's stated ones), else every task."""
         own = [self.tasks[t] for t in self.config.stated_tasks(model)]
         return own or list(self.tasks.values())
@@ -51,8 +51,11 @@ class _Inputs:
     def texts(self, model: str) -> list[str]:
         """Each search example's prompt as the task renders it, followed by its answer where it
         has a text one (a multiple-choice index is not text the model would write)."""
-        out = []
+        out: list[str] = []
         for task in self._own(model):
+            if not isinstance(task, Task):  # an lm-eval task: its questions as the task writes them
+                out += task.texts("search")
+                continue
             fmt = task.metric.format
             for ex in task.search:
                 tail = ex.get(fmt.target_field) if fmt.target_template is None else fmt.target(ex)
@@ -68,7 +71,8 @@ class _Inputs:
                 return make_engine("hf", self._models)
 
             with EngineSupervisor(start, self._models) as engine:
-                generate_golden(self.config, list(self.tasks.values()), engine, out_dir=folder)
+                tasks = only_native(list(self.tasks.values()), f"method {self.config.method}'s golden data")
+                generate_golden(self.config, tasks, engine, out_dir=folder)
             self._golden = golden_by_specialist(folder)
         return self._golden.get(model, [])
 
@@ -77,7 +81,7 @@ class _Inputs:
 
 
 def ensure_study_data(
-    config: StudyConfig, models: ModelSet, tasks: Sequence[Task], say: Callable[[str], None] = lambda _: None
+    config: StudyConfig, models: ModelSet, tasks: Sequence[AnyTask], say: Callable[[str], None] = lambda _: None
 ) -> Path | None:
     """The study's data file for ``config.method`` (measured now if missing or stale), or None."""
     method = get_method(config.method)
