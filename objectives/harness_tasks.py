@@ -16,6 +16,7 @@ are disjoint (``split: seeded`` or ``split: task``, see :class:`~optimizer.confi
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import os
@@ -101,7 +102,7 @@ def _manager(include_path: Path | None, with_defaults: bool) -> Any:
     return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=with_defaults)
 
 
-def _load(manager: Any, spec: str | dict[str, Any], where: str, task: str) -> dict[str, Any]:
+def _load(manager: Any, spec: str, where: str, task: str) -> dict[str, Any]:
     try:
         return dict(manager.load([spec]))
     except Exception as exc:  # the harness raises whatever its dataset loader raised
@@ -136,8 +137,30 @@ def _leaves(loaded: dict[str, Any], where: str) -> dict[str, Any]:
     return tasks
 
 
+#: A task's renderings of a doc from its YAML's Jinja templates. The harness compiles the template
+#: anew for every doc on every evaluation (~1 ms each: most of its per-trial cost on small models);
+#: a doc renders the same in every trial, so each task object remembers its renderings.
+_RENDERERS = ("doc_to_text", "doc_to_target", "doc_to_choice")
+
+
+def _remembered(render: Any) -> Any:
+    memo: dict[str, Any] = {}
+
+    def remembered(doc: Any, *args: Any, **kwargs: Any) -> Any:
+        key = json.dumps([doc, args, kwargs], sort_keys=True, default=repr)
+        if key not in memo:
+            memo[key] = render(doc, *args, **kwargs)
+        value = memo[key]
+        return list(value) if isinstance(value, list) else value  # callers get a list of their own
+
+    return remembered
+
+
 def _prepare_leaf(task: Any, settings: LmEvalConfig, where: str) -> None:
-    """What ``lm_eval``'s simple_evaluate does to a task before evaluating it (few-shot count)."""
+    """What ``lm_eval``'s simple_evaluate does to a task before evaluating it (few-shot count), and
+    the renderings remembered per doc (:data:`_RENDERERS`)."""
+    for name in _RENDERERS:
+        setattr(task, name, _remembered(getattr(task, name)))
     name = task.config.task
     if settings.num_fewshot is not None and task.get_config("num_fewshot") != 0:
         task.set_config(key="num_fewshot", value=settings.num_fewshot)
@@ -230,7 +253,8 @@ def _task_splits(manager: Any, settings: LmEvalConfig, where: str) -> dict[str, 
             f"{where}: split: task needs lm-eval task {settings.task!r} to have a validation_split and a"
             " test_split; add both to its YAML, or use split: seeded"
         )
-    search = _load(manager, {"task": settings.task, "test_split": validation}, where, settings.task)
+    search = _load(manager, settings.task, where, settings.task)  # a second copy, evaluated on validation
+    search["tasks"][settings.task].set_config(key="test_split", value=validation)
     return {"search": search, "held_out": held_out}
 
 
