@@ -31,9 +31,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from objectives.harness_tasks import HarnessTask  # noqa: E402
 from objectives.tasks import load_tasks, score_tasks  # noqa: E402
+from optimizer.checkpoints import ModelSet  # noqa: E402
 from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
-from optimizer.checkpoints import ModelSet  # noqa: E402
 from optimizer.merge.plan import MergePlan, ModelParams  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
 
@@ -116,7 +116,9 @@ def run(engine_name: str, limit: int, repeats: int) -> dict:
                         native_verdicts = verdicts
                     else:
                         agree = sum(
-                            a == b for n, h in zip(native_verdicts, verdicts, strict=True) for a, b in zip(n, h)
+                            a == b
+                            for n, h in zip(native_verdicts, verdicts, strict=True)
+                            for a, b in zip(n, h, strict=True)
                         )
         finally:
             engine.close()

@@ -16,10 +16,10 @@ import sys
 # datasets one per split it reads); tqdm reads this when it is first imported, so it is set first.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import typer  # noqa: E402
+import typer
 
-from optimizer.cli import analyze, search, study, zoo  # noqa: E402
-from optimizer.errors import MergeoptError  # noqa: E402
+from optimizer.cli import analyze, search, study, zoo
+from optimizer.errors import MergeoptError
 
 __all__ = ["app", "main"]
 
