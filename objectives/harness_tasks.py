@@ -157,10 +157,16 @@ def _remembered(render: Any) -> Any:
 
 
 def _prepare_leaf(task: Any, settings: LmEvalConfig, where: str) -> None:
-    """What ``lm_eval``'s simple_evaluate does to a task before evaluating it (few-shot count), and
-    the renderings remembered per doc (:data:`_RENDERERS`)."""
+    """What ``lm_eval``'s simple_evaluate does to a task before evaluating it (few-shot count); then
+    what makes its per-trial cost small: renderings remembered per doc (:data:`_RENDERERS`), rows
+    held as dicts. Both set attributes of the harness's task objects (lm-eval 0.4.13, pinned)."""
     for name in _RENDERERS:
         setattr(task, name, _remembered(getattr(task, name)))
+    if task.config.process_docs is None and task.dataset is not None:
+        # The harness walks every evaluation doc to pick the sampled ones, decoding each Arrow row
+        # (~25 µs a row, every trial); rows held as dicts cost nothing to walk. A task whose
+        # process_docs reshapes its Dataset keeps it.
+        task.dataset = {split: list(rows) for split, rows in task.dataset.items()}
     name = task.config.task
     if settings.num_fewshot is not None and task.get_config("num_fewshot") != 0:
         task.set_config(key="num_fewshot", value=settings.num_fewshot)
@@ -277,9 +283,9 @@ def load_harness_task(obj: ObjectiveConfig, config: StudyConfig, tokenizer: Any)
 
     manager = _find(settings, include, where)
     loaded = _task_splits(manager, settings, where)
-    for split in SPLITS:
-        for leaf in _leaves(loaded[split], where).values():
-            _prepare_leaf(leaf, settings, where)
+    leaves = {id(leaf): leaf for split in SPLITS for leaf in _leaves(loaded[split], where).values()}
+    for leaf in leaves.values():  # a seeded split shares its task objects between the two splits
+        _prepare_leaf(leaf, settings, where)
     top = settings.task
     key, higher = _result_key(settings, loaded["held_out"], top, where)
     docs = _split_docs(obj, loaded, config.search.seed, where)
