@@ -1,6 +1,6 @@
-"""The data of the lm-eval task YAMLs shipped for the tiny zoo (``configs/lm_eval/zoo/``).
+"""The data of the lm-eval task YAMLs shipped for the zoos (``configs/lm_eval/zoo/``, ``.../real/``).
 
-The rows are the zoo's own search / held-out examples (seed 0), committed beside the YAMLs so that
+The rows are the zoos' own search / held-out examples (seed 0), committed beside the YAMLs so that
 ``lm_eval --include_path configs/lm_eval/zoo`` runs from the repository root with nothing built;
 ``tests/test_lm_eval.py`` checks the committed files still equal what this module makes from the
 zoo, so the two cannot drift apart. Regenerate after a zoo version change::
@@ -15,6 +15,8 @@ import random
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent / "configs" / "lm_eval" / "zoo" / "data"
+REAL_DATA = DATA.parent.parent / "real" / "data"
+REAL_TASKS = ("arith", "antonym", "extract")
 SPLITS = {"validation": "search", "test": "held_out"}  # lm-eval split -> zoo split
 
 
@@ -44,16 +46,29 @@ def rows(zoo_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def real_rows(real_dir: Path) -> dict[str, list[dict]]:
+    """File name -> rows, from a built real-model zoo's task files (as they are)."""
+    out: dict[str, list[dict]] = {}
+    for lm_split, zoo_split in SPLITS.items():
+        for task in REAL_TASKS:
+            lines = (real_dir / "tasks" / task / f"{zoo_split}.jsonl").read_text().splitlines()
+            out[f"{task}_{lm_split}.jsonl"] = [json.loads(line) for line in lines]
+    return out
+
+
 def render(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
 
 if __name__ == "__main__":
     from optimizer.zoo import build_zoo, default_zoo_dir
+    from optimizer.zoo.real import build_real_zoo, default_real_zoo_dir
 
-    zoo_dir = default_zoo_dir()
+    zoo_dir, real_dir = default_zoo_dir(), default_real_zoo_dir()
     build_zoo(zoo_dir, log=print)
-    DATA.mkdir(parents=True, exist_ok=True)
-    for name, records in rows(zoo_dir).items():
-        (DATA / name).write_text(render(records))
-        print(f"wrote {DATA / name} ({len(records)} rows)")
+    build_real_zoo(real_dir)
+    for folder, made in ((DATA, rows(zoo_dir)), (REAL_DATA, real_rows(real_dir))):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, records in made.items():
+            (folder / name).write_text(render(records))
+            print(f"wrote {folder / name} ({len(records)} rows)")

@@ -275,3 +275,70 @@ def test_an_lm_eval_task_feeds_one_objective(zoo, tmp_path: Path) -> None:
     proc = run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=REPO)
     assert proc.returncode == 2 and "already scored by objective 'a'" in proc.stderr
     assert not db.exists() or not sqlite3.connect(db).execute("select name from sqlite_master").fetchall()
+
+
+def test_real_zoo_chat_tasks_score_as_the_native_chat_objectives(real_zoo, tmp_path: Path) -> None:
+    """The real zoo's tasks (``configs/lm_eval/real``) through the harness with the base's chat
+    template give the verdicts of the same docs as native ``chat: true`` objectives."""
+    from objectives.harness_tasks import HarnessTask
+    from objectives.tasks import load_tasks, score_tasks
+    from optimizer.checkpoints import ModelSet
+    from optimizer.config import config_from_dict
+    from optimizer.engines.hf_engine import HFEngine
+    from optimizer.zoo.real import default_real_zoo_dir
+    from tests._lm_eval_data import REAL_DATA, REAL_TASKS, real_rows
+
+    real = default_real_zoo_dir()
+    expected = real_rows(real)
+    assert sorted(p.name for p in REAL_DATA.iterdir()) == sorted(expected)
+    for name, records in expected.items():
+        assert (REAL_DATA / name).read_text() == render(records), f"{name} differs from the real zoo's data"
+
+    include = str(REAL_DATA.parent)
+    study = {
+        "name": "chat",
+        "base": str(real / "base"),
+        "models": {t: str(real / "specialists" / t) for t in REAL_TASKS},
+        "method": "task_arithmetic",
+        "weight": {"low": 0.0, "high": 1.5},
+    }
+    harness_objectives = [
+        {"name": t, "lm_eval": {"task": f"real_{t}", "include_path": include, "chat": True}, "limit": 16}
+        for t in REAL_TASKS
+    ]
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        harness = load_tasks(config_from_dict({**study, "objectives": harness_objectives}, root=tmp_path))
+        native_objectives = []
+        for task in harness:
+            assert isinstance(task, HarnessTask)
+            lines = (REAL_DATA / f"{task.name}_test.jsonl").read_text().splitlines()
+            folder = tmp_path / task.name
+            folder.mkdir()
+            for split in ("search", "held_out"):
+                ids = task.docs["search"][f"real_{task.name}"]
+                (folder / f"{split}.jsonl").write_text("".join(lines[i] + "\n" for i in ids))
+            prompt = {"prompt_template": "What is {{ a }} + {{ b }}?"} if task.name == "arith" else {}
+            native_objectives.append(
+                {
+                    "name": task.name,
+                    "data": str(folder),
+                    "metric": "exact_match",
+                    "chat": True,
+                    "prompt_field": "question",
+                    "target_field": "answer",
+                    "max_tokens": 24 if task.name == "extract" else 8,
+                    **prompt,
+                }
+            )
+        native = load_tasks(config_from_dict({**study, "objectives": native_objectives}, root=tmp_path))
+        engine = HFEngine(ModelSet(real / "specialists" / "arith", {}), device="cpu")
+        got = score_tasks(engine, harness)
+        want = score_tasks(engine, native)
+    finally:
+        os.chdir(cwd)
+    pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g.per_example, w.per_example, strict=True)]
+    agree = sum(a == b for a, b in pairs)
+    assert agree >= 0.98 * len(pairs), (agree, len(pairs), [r.value for r in got], [r.value for r in want])
+    assert got[0].value > 0.5  # the arith specialist answers its own task through the harness's prompts
