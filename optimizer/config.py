@@ -80,15 +80,9 @@ class LmEvalConfig(_Strict):
     fewshot_as_multiturn: bool = False
 
 
-#: Options of a data-file objective that an lm-eval objective takes from its task YAML instead.
-_DATA_ONLY = (
-    "metric",
-    "prompt_template",
-    "target_template",
-    "extract",
-    "add_bos",
-    "system",
-)
+#: What an lm-eval objective may set besides ``lm_eval``; every other option belongs to data-file
+#: objectives (the task's YAML says how its prompts are built and its answers judged).
+_LM_EVAL_OPTIONS = frozenset({"name", "lm_eval", "limit", "held_out_limit", "specialist"})
 
 
 class ObjectiveConfig(_Strict):
@@ -140,8 +134,12 @@ class ObjectiveConfig(_Strict):
     @model_validator(mode="after")
     def _format(self) -> ObjectiveConfig:
         if self.lm_eval is not None:
-            given = [k for k in ("data", *_DATA_ONLY) if getattr(self, k) is not None]
-            given += [k for k in ("chat", "fewshot") if getattr(self, k)]
+            # Options left at their defaults are fine (a stored config carries every field).
+            given = [
+                k
+                for k, f in type(self).model_fields.items()
+                if k not in _LM_EVAL_OPTIONS and getattr(self, k) != f.get_default(call_default_factory=True)
+            ]
             if given:
                 raise ValueError(
                     f"'{given[0]}' is an option of data-file objectives; an lm_eval objective takes its"

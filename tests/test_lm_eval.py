@@ -230,6 +230,7 @@ metric_list:
         ("data from a hub", "wants its data from a hub"),
         ("sampled answers", "samples its answers"),
         ("a data-file option", "'fewshot' is an option of data-file objectives"),
+        ("a stop string", "'stop' is an option of data-file objectives"),
         ("split: task on a group", "use split: seeded"),
         ("lm-eval not installed", "pip install 'mergeopt[lmeval]'"),
     ],
@@ -254,6 +255,8 @@ def test_bad_lm_eval_objectives_are_refused_with_one_line(case: str, needle: str
         objective["lm_eval"] = {"task": "my_task", "include_path": str(folder)}
     elif case == "a data-file option":
         objective["fewshot"] = 2
+    elif case == "a stop string":  # the task's generation_kwargs say where answers stop
+        objective["stop"] = ["\n\n"]
     elif case == "split: task on a group":
         objective["lm_eval"] = {"task": "zoo_letters", "include_path": str(TASKS), "split": "task"}
     elif case == "lm-eval not installed":  # the package made unimportable, as on a machine without it
