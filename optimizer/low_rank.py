@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Delta", "LowRankDelta", "all_zero", "dense", "dense_all", "nbytes"]
+__all__ = ["Delta", "LowRankDelta", "all_zero", "combine", "dense", "dense_all", "nbytes"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,33 @@ def nbytes(delta: Delta) -> int:
     if isinstance(delta, LowRankDelta):
         return delta.nbytes
     return delta.numel() * delta.element_size()
+
+
+def combine(base: torch.Tensor, deltas: Sequence[Delta], base_coef: float, coefs: Sequence[float]) -> torch.Tensor:
+    """c₀·base + Σ cₘ τₘ without expanding any adapter: the factors of all low-rank task vectors are
+    stacked, [c₁s₁B₁ … cₙsₙBₙ]·[A₁; …; Aₙ], and added in one matmul (one per layout: embeddings'
+    factors are stored transposed). Computed in float32 at least, returned in the base's dtype.
+    """
+    acc = torch.promote_types(base.dtype, torch.float32)
+    out = base.to(acc) * base_coef if base_coef != 1.0 else base.to(acc, copy=True)
+    flat = out.view(out.shape[0], -1)
+    stacks: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] = {False: ([], []), True: ([], [])}
+    for delta, coef in zip(deltas, coefs, strict=True):
+        if coef == 0.0:
+            continue
+        if not isinstance(delta, LowRankDelta):
+            out.add_(delta.to(acc), alpha=coef)
+            continue
+        if delta.dense_part is not None:
+            out.add_(delta.dense_part.to(acc), alpha=coef)
+        if delta.rank:
+            left, right = stacks[delta.transpose]
+            left.append(delta.B.to(acc) * (coef * delta.scale))
+            right.append(delta.A.to(acc))
+    bs, as_ = stacks[False]
+    if bs:  # Σ c·s·B·A
+        flat.addmm_(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+    bs, as_ = stacks[True]
+    if bs:  # Σ c·s·(B·A)ᵀ = [A₁ᵀ … Aₙᵀ]·[c₁s₁B₁ᵀ; …]
+        flat.addmm_(torch.cat([a.T for a in as_], dim=1), torch.cat([b.T for b in bs], dim=0))
+    return out.to(base.dtype)

@@ -112,6 +112,34 @@ def test_adapters_are_held_as_factors(lora_zoo) -> None:
     assert held < 0.2 * sum(nbytes(d) for taus in dense.values() for d in taus)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_sums_of_adapters_skip_the_expansion_and_equal_it(dtype: torch.dtype) -> None:
+    """Task arithmetic / linear combine adapters' factors in one stacked matmul: the same tensor as
+    expanding each (plain and transposed layouts, a dense part, a dense specialist, a zero weight)."""
+    from optimizer.low_rank import LowRankDelta, combine, dense
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    base = rand(48, 32)
+    deltas = [
+        LowRankDelta(rand(48, 4), rand(4, 32), 0.5, (48, 32)),
+        LowRankDelta(rand(32, 8), rand(8, 48), 2.0, (48, 32), transpose=True),  # an embedding's layout
+        LowRankDelta(rand(48, 2), rand(2, 32), 1.0, (48, 32), dense_part=rand(48, 32)),
+        rand(48, 32),  # a full fine-tune beside the adapters
+        LowRankDelta(rand(48, 4), rand(4, 32), 1.0, (48, 32)),
+    ]
+    coefs = [0.7, -0.3, 1.2, 0.4, 0.0]
+    for base_coef in (1.0, 1.9):
+        expected = base.float() * base_coef + sum(c * dense(d).float() for c, d in zip(coefs, deltas, strict=True))
+        got = combine(base, deltas, base_coef, coefs)
+        assert got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 0.06  # bf16 keeps 8 bits of mantissa
+        torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol if dtype == torch.bfloat16 else 0)
+
+
 @pytest.mark.parametrize("method", sorted(method_names()))
 def test_every_method_merges_adapters_as_their_full_checkpoints(lora_zoo, method: str) -> None:
     adapters, full = _sets(lora_zoo)

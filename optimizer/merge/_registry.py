@@ -96,6 +96,10 @@ class StudyData(ABC):
         """The method's merge function over ``data`` (``base``: the base model's directory)."""
 
 
+#: (one tensor's per-model params, the method's options) → (c₀, [cₘ]) of c₀·θ₀ + Σ cₘ τₘ.
+LinearCoefficients = Callable[[Sequence[ModelParams], Mapping[str, object]], tuple[float, list[float]]]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A merge method as the search sees it.
@@ -119,6 +123,10 @@ class MergeMethod:
     mergekit: str | None = None
     study_data: StudyData | None = None
     searchable: Mapping[str, tuple[float, float, bool]] = field(default_factory=dict)
+    #: For a method whose merge is c₀·θ₀ + Σ cₘ τₘ (task arithmetic, linear): one tensor's
+    #: coefficients (c₀, [cₘ]). With it, adapters' task vectors are combined from their factors in
+    #: one stacked matmul instead of each being expanded (:func:`optimizer.low_rank.combine`).
+    linear_in_deltas: LinearCoefficients | None = None
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

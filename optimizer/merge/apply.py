@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from optimizer.errors import ConfigError
-from optimizer.low_rank import Delta, all_zero, dense_all
+from optimizer.low_rank import Delta, LowRankDelta, all_zero, combine, dense_all
 from optimizer.merge._registry import MergeMethod, get_method
 from optimizer.merge.plan import MergePlan
 from optimizer.models import describe
@@ -64,6 +64,10 @@ def merge_tensor(
         # to the base, so skip expanding N zero tensors (an embedding's worth each).
         return base.clone()
     params = plan.for_tensor(describe(name))
+    if method.linear_in_deltas is not None and any(isinstance(d, LowRankDelta) for d in deltas):
+        # A weighted sum of task vectors: adapters' factors go into one stacked matmul, unexpanded.
+        base_coef, coefs = method.linear_in_deltas(params, options)
+        return combine(base, deltas, base_coef, coefs)
     # Adapters' task vectors are held as factors: expanded here, for this one tensor only.
     return method.merge(name, base, dense_all(deltas), params, options, _generator(plan, name))
 

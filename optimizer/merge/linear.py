@@ -40,10 +40,22 @@ def merge_linear(
     return merged
 
 
+def _coefficients(params: Sequence[ModelParams], options: Mapping[str, object]) -> tuple[float, list[float]]:
+    """merge_linear's arithmetic as coefficients of θ₀ and of each τₘ."""
+    weights = [p.weight for p in params]
+    total = sum(weights)
+    if not options["normalize"]:
+        return total, weights
+    if abs(total) < 1e-12:
+        return 1.0, [0.0] * len(weights)
+    return 1.0, [w / total for w in weights]
+
+
 LINEAR = register(
     MergeMethod(
         name="linear",
         merge=merge_linear,
+        linear_in_deltas=_coefficients,
         summary="weighted mean of the models (Wortsman et al., 2022)",
         options={"normalize": True},
         mergekit="linear",

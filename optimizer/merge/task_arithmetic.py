@@ -35,10 +35,16 @@ def merge_task_arithmetic(
     return base.clone() if merged is None else merged
 
 
+def _coefficients(params: Sequence[ModelParams], options: Mapping[str, object]) -> tuple[float, list[float]]:
+    scale = number_option(options, "lambda", 1.0, "task_arithmetic")
+    return 1.0, [p.weight * scale for p in params]
+
+
 TASK_ARITHMETIC = register(
     MergeMethod(
         name="task_arithmetic",
         merge=merge_task_arithmetic,
+        linear_in_deltas=_coefficients,
         summary="base plus scaled task vectors (Ilharco et al., 2023)",
         options={"lambda": 1.0},
         mergekit="task_arithmetic",
