@@ -63,6 +63,10 @@ class HarnessTask:
     key: str  # the harness's result key, "metric,filter"
     top: str  # the task or group the key is read from
     binary: bool
+    #: The score is the plain mean over docs (every leaf's aggregation is a mean, a group weighs
+    #: its tasks by size): a score of part of the docs then combines into the whole's
+    #: (:func:`objectives.metrics.combine`), which early rejection needs.
+    mean_of_docs: bool
     #: split -> the loaded task dict (``TaskManager.load``'s tasks / groups / group_map)
     loaded: dict[str, dict[str, Any]]
     #: split -> leaf task -> doc ids (indices into the task's evaluation docs)
@@ -82,6 +86,10 @@ class HarnessTask:
 
     def size(self, split: str) -> int:
         return sum(len(ids) for ids in self.docs[split].values())
+
+    def items(self, split: str) -> list[tuple[str, int]]:
+        """The split's docs as (leaf task, doc id), in a fixed order: item i of a subset."""
+        return [(leaf, i) for leaf, ids in self.docs[split].items() for i in ids]
 
     def texts(self, split: str = "search") -> list[str]:
         """Each doc's question as the task writes it (no shots, no chat turns): what methods that
@@ -215,6 +223,13 @@ def _result_key(settings: LmEvalConfig, loaded: dict[str, Any], top: str, where:
     return f"{metric},{chosen}", bool(higher.get(metric, True))
 
 
+def _mean_of_docs(loaded: dict[str, Any], top: str, metric: str) -> bool:
+    group = loaded["groups"].get(top)
+    if group is not None and not all(a.weight_by_size for a in group.aggregate_metric_list if a.metric == metric):
+        return False
+    return all(getattr(leaf.aggregation().get(metric), "__name__", "") == "mean" for leaf in loaded["tasks"].values())
+
+
 def _split_docs(
     obj: ObjectiveConfig, loaded: dict[str, dict[str, Any]], seed: int, where: str
 ) -> dict[str, dict[str, list[int]]]:
@@ -298,6 +313,7 @@ def load_harness_task(obj: ObjectiveConfig, config: StudyConfig, tokenizer: Any)
         key=key,
         top=top,
         binary=key.split(",")[0] in _BINARY,
+        mean_of_docs=_mean_of_docs(loaded["held_out"], top, key.split(",")[0]),
         loaded=loaded,
         docs=docs,
         settings=settings,
@@ -314,11 +330,20 @@ def _merged(dicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def score_harness(engine: Engine, tasks: Sequence[HarnessTask], split: str) -> list[MetricResult]:
+def score_harness(
+    engine: Engine,
+    tasks: Sequence[HarnessTask],
+    split: str,
+    subsets: Sequence[Sequence[int]] | None = None,
+) -> list[MetricResult]:
     """Every lm-eval objective's score on ``split``, in one ``lm_eval.evaluate`` (one request batch
     per request kind for all of them) of :class:`~objectives.harness_lm.EngineLM` on ``engine``.
-    Objectives that share settings (chat template, system instruction) share the call;
-    the rare study whose lm-eval objectives differ in them costs one call per setting."""
+
+    ``subsets``: per task, the items (:meth:`HarnessTask.items`) to score instead of the whole
+    split (early rejection's stages); a part's score is then the mean over its docs, for
+    :func:`~objectives.metrics.combine` to join. Objectives that share settings (chat template,
+    system instruction) share the call; the rare study whose lm-eval objectives differ in them
+    costs one call per setting."""
     from lm_eval.evaluator import evaluate
 
     from objectives.harness_lm import EngineLM
@@ -331,11 +356,23 @@ def score_harness(engine: Engine, tasks: Sequence[HarnessTask], split: str) -> l
     for task in tasks:
         s = task.settings
         by_setting.setdefault((s.chat, s.system, s.fewshot_as_multiturn), []).append(task)
+    docs = {t.name: t.docs[split] for t in tasks}
+    if subsets is not None:
+        for t, subset in zip(tasks, subsets, strict=True):
+            items = t.items(split)
+            part: dict[str, list[int]] = {}
+            for i in sorted(subset):
+                leaf, doc = items[i]
+                part.setdefault(leaf, []).append(doc)
+            docs[t.name] = part
     for (chat, system, multiturn), group in by_setting.items():
         task_dict = _merged([t.loaded[split] for t in group])
+        samples = {leaf: ids for t in group for leaf, ids in docs[t.name].items()}
+        if subsets is not None:  # only the leaves with docs in this part; scores read per doc
+            task_dict = {"tasks": {k: v for k, v in task_dict["tasks"].items() if k in samples}, "groups": {}}
+            task_dict["group_map"] = {}
         for leaf in task_dict["tasks"].values():
             leaf.set_fewshot_seed(seed=FEWSHOT_SEED)
-        samples = {leaf: ids for t in group for leaf, ids in t.docs[split].items()}
         out = evaluate(
             lm,
             task_dict,
@@ -349,12 +386,13 @@ def score_harness(engine: Engine, tasks: Sequence[HarnessTask], split: str) -> l
         )
         assert out is not None  # a single process is always rank 0
         for t in group:
-            value = float(out["results"][t.top][t.key])
             per = [
                 float(sample[t.metric_name])
-                for leaf in t.docs[split]
+                for leaf in docs[t.name]
                 for sample in out["samples"][leaf]
                 if sample["filter"] == t.filter
             ]
+            whole = subsets is None  # the harness's own aggregate; a part's is the mean of its docs
+            value = float(out["results"][t.top][t.key]) if whole else sum(per) / max(len(per), 1)
             results[t.name] = MetricResult(value, per)
     return [results[t.name] for t in tasks]

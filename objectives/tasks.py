@@ -25,7 +25,16 @@ from optimizer.tokens import TokenizerInfo, tokenizer_info
 if TYPE_CHECKING:
     from objectives.harness_tasks import HarnessTask
 
-__all__ = ["AnyTask", "Task", "load_tasks", "native", "only_native", "score_tasks"]
+__all__ = [
+    "AnyTask",
+    "Task",
+    "check_stageable",
+    "load_tasks",
+    "native",
+    "only_native",
+    "score_parts",
+    "score_tasks",
+]
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,34 @@ def _check_rows(obj: ObjectiveConfig, metric: Metric, rows: Sequence[dict], wher
                         f"{where}, row {i}: the target {target!r} contains the stop string {stop!r}, so an answer"
                         " (cut before it) can never match; change the objective's stop or the target"
                     )
+
+
+def check_stageable(tasks: Sequence[AnyTask]) -> None:
+    """Early rejection scores parts of each task's docs and joins them: an lm-eval objective must
+    be a plain mean over its docs for the parts to join into its score."""
+    for task in tasks:
+        if not isinstance(task, Task) and not task.mean_of_docs:
+            raise ConfigError(
+                f"objective {task.name!r}: early_rejection joins scores of parts of a task's docs, but lm-eval"
+                f" task {task.top!r}'s {task.metric_name} is not a plain mean over its docs (its aggregation,"
+                " or a group not weighted by size); remove early_rejection from this study"
+            )
+
+
+def score_parts(engine: Engine, jobs: Sequence[tuple[AnyTask, Sequence[int]]]) -> list[MetricResult]:
+    """Each (task, item indices of its search split) scored, every job sharing the engine's calls:
+    the parts early rejection scores a candidate on, stage by stage."""
+    mine = [(i, t, idx) for i, (t, idx) in enumerate(jobs) if isinstance(t, Task)]
+    out: dict[int, MetricResult] = {}
+    scores = score_together(engine, [(t.metric, [t.search[j] for j in idx]) for _, t, idx in mine]) if mine else []
+    out.update(zip((i for i, _, _ in mine), scores, strict=True))
+    rest = [(i, t, idx) for i, (t, idx) in enumerate(jobs) if not isinstance(t, Task)]
+    if rest:
+        from objectives.harness_tasks import score_harness
+
+        parts = score_harness(engine, [t for _, t, _ in rest], "search", [idx for _, _, idx in rest])
+        out.update(zip((i for i, _, _ in rest), parts, strict=True))
+    return [out[i] for i in range(len(jobs))]
 
 
 def _harness_task(obj: ObjectiveConfig, config: StudyConfig, tokenizer: _BaseTokenizer, seen: dict[str, str]) -> Any:

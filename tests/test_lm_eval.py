@@ -343,3 +343,47 @@ def test_real_zoo_chat_tasks_score_as_the_native_chat_objectives(real_zoo, tmp_p
     agree = sum(a == b for a, b in pairs)
     assert agree >= 0.98 * len(pairs), (agree, len(pairs), [r.value for r in got], [r.value for r in want])
     assert got[0].value > 0.5  # the arith specialist answers its own task through the harness's prompts
+
+
+def test_early_rejection_scores_lm_eval_objectives_in_parts(zoo, tmp_path: Path) -> None:
+    """Staged scoring of lm-eval objectives: the full score when nothing dominates, an early stop
+    when a completed trial does; a score that is not a mean over docs cannot be staged."""
+    import shutil
+
+    from optimizer.checkpoints import ModelSet
+    from optimizer.config import config_from_dict
+    from optimizer.engines.hf_engine import HFEngine
+    from optimizer.errors import ConfigError
+    from optimizer.search.early_rejection import Rejected, StagedScorer
+    from optimizer.search.prepare import prepare
+
+    objectives = [
+        {"name": "rev", "lm_eval": {"task": "zoo_rev", "include_path": str(TASKS)}, "limit": 32},
+        {"name": "rot", "lm_eval": {"task": "zoo_rot_mc", "include_path": str(TASKS)}, "limit": 32},
+    ]
+    study = {**zoo_config("er"), "objectives": objectives, "search": {"early_rejection": {}}}
+    unweighted = tmp_path / "tasks"
+    unweighted.mkdir()
+    for name in ("zoo_rev.yaml", "zoo_sort.yaml"):
+        shutil.copy(TASKS / name, unweighted / name)
+    group = (TASKS / "zoo_letters.yaml").read_text().replace("weight_by_size: true", "weight_by_size: false")
+    (unweighted / "zoo_letters.yaml").write_text(group)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        config = config_from_dict(study, root=tmp_path)
+        tasks = prepare(config).tasks
+        staged = StagedScorer(tasks, config.search.early_rejection, seed=0)  # type: ignore[arg-type]
+        from objectives.tasks import score_tasks
+
+        base = HFEngine(ModelSet(default_zoo_dir() / "base", {}), device="cpu")
+        full = [r.value for r in score_tasks(base, tasks)]
+        assert staged.score(base, front=[]) == pytest.approx(full)
+        with pytest.raises(Rejected) as rejected:
+            staged.score(base, front=[(7, [1.0, 1.0])])
+        assert rejected.value.details["dominated_by"] == 7 and rejected.value.details["examples"] < 64
+        bad = {"name": "letters", "lm_eval": {"task": "zoo_letters", "include_path": str(unweighted)}}
+        with pytest.raises(ConfigError, match="not a plain mean over its docs"):
+            prepare(config_from_dict({**study, "objectives": [bad]}, root=tmp_path))
+    finally:
+        os.chdir(cwd)

@@ -26,8 +26,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from objectives.metrics import MetricResult, combine, score_together
-from objectives.tasks import Task
+from objectives.metrics import MetricResult, combine
+from objectives.tasks import AnyTask, score_parts
 from optimizer.config import EarlyRejectionConfig
 from optimizer.engines.base import Engine
 
@@ -92,7 +92,7 @@ def dominated_by(
 class StagedScorer:
     """Scores the study's tasks on growing shares of their search examples."""
 
-    tasks: Sequence[Task]
+    tasks: Sequence[AnyTask]
     config: EarlyRejectionConfig
     seed: int = 0
 
@@ -101,7 +101,7 @@ class StagedScorer:
         # candidate (comparable partial scores) and a random sample of the split.
         self._orders = []
         for i, task in enumerate(self.tasks):
-            order = list(range(len(task.search)))
+            order = list(range(task.size("search")))
             random.Random(self.seed * 7919 + i).shuffle(order)
             self._orders.append(order)
 
@@ -124,29 +124,30 @@ class StagedScorer:
         maximize = [task.direction == "maximize" for task in self.tasks]
         parts: list[list[MetricResult]] = [[] for _ in self.tasks]
         done = [0] * len(self.tasks)
-        all_cuts = [self.cuts(len(task.search)) for task in self.tasks]
+        sizes = [task.size("search") for task in self.tasks]
+        all_cuts = [self.cuts(n) for n in sizes]
         for stage in range(max(len(c) for c in all_cuts)):
             jobs, owners = [], []
             for t, task in enumerate(self.tasks):
                 cuts = all_cuts[t]
                 upto = cuts[min(stage, len(cuts) - 1)]
                 if upto > done[t]:
-                    jobs.append((task.metric, [task.search[j] for j in self._orders[t][done[t] : upto]]))
+                    jobs.append((task, self._orders[t][done[t] : upto]))
                     owners.append(t)
                     done[t] = upto
             # The stage's examples of every task in one engine call per kind (shared batches).
-            for t, result in zip(owners, score_together(engine, jobs), strict=True):
+            for t, result in zip(owners, score_parts(engine, jobs), strict=True):
                 parts[t].append(result)
             if on_stage is not None:
                 on_stage()
-            if all(done[t] == len(task.search) for t, task in enumerate(self.tasks)):
+            if all(done[t] == sizes[t] for t in range(len(self.tasks))):
                 break
             bounds = [
                 optimistic_bound(
                     combine(parts[t]),
-                    len(task.search),
+                    sizes[t],
                     maximize=maximize[t],
-                    binary=task.metric.binary,
+                    binary=task.binary,
                     z=self.config.z,
                 )
                 for t, task in enumerate(self.tasks)
@@ -157,7 +158,7 @@ class StagedScorer:
                     {
                         "dominated_by": winner,
                         "examples": sum(done),
-                        "of": sum(len(task.search) for task in self.tasks),
+                        "of": sum(sizes),
                         "partial": [round(combine(p).value, 6) for p in parts],
                         "bounds": [round(b, 6) for b in bounds],
                     }

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from optuna.study import StudyDirection
 
-from objectives.tasks import AnyTask, load_tasks, only_native
+from objectives.tasks import AnyTask, check_stageable, load_tasks
 from optimizer.adapters import base_mismatch_warning
 from optimizer.checkpoints import ModelSet, check_specialist, model_config, read_shapes
 from optimizer.config import StudyConfig
@@ -88,7 +88,7 @@ def prepare(config: StudyConfig, *, layer_overrides: tuple[str, ...] = ()) -> Pr
     memory = plan_memory(config, models, Machine.here())
     tasks = load_tasks(config)
     if config.search.early_rejection is not None:
-        only_native(tasks, "early_rejection")  # it scores growing shares of each task's examples
+        check_stageable(tasks)
     return Prepared(config, models, tasks, SearchSpace(config, num_layers, layer_overrides), memory, notes)
 
 

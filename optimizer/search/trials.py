@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.tasks import native, score_tasks
+from objectives.tasks import score_tasks
 from optimizer.engines.base import Engine
 from optimizer.engines.supervisor import EngineSupervisor, classify, first_line
 from optimizer.errors import MergeoptError
@@ -84,7 +84,7 @@ def _objective(
     prepared: Prepared, engine: EngineSupervisor, interrupts: Interrupts, current: _Current
 ) -> Callable[[optuna.Trial], list[float]]:
     rejection = prepared.config.search.early_rejection
-    staged = StagedScorer(native(prepared.tasks), rejection, prepared.config.search.seed) if rejection else None
+    staged = StagedScorer(prepared.tasks, rejection, prepared.config.search.seed) if rejection else None
 
     def score_all(trial: optuna.Trial, enqueued: bool) -> list[float]:
         def beat() -> None:
