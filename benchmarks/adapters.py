@@ -8,9 +8,10 @@ bf16 as hub checkpoints are). Measured, in one run:
   adapters, and with the three full checkpoints (``memory.run``: start + 5 merges); what the
   specialists add, against the adapters' bytes on disk (target: ≤ 2×).
 - ``merge``: one candidate merged over every tensor (``iter_merged``, float32, in this process),
-  task arithmetic and TIES, adapters (expanded tensor by tensor) vs full task vectors; and, for
-  task arithmetic, the expansion against one stacked matmul per tensor (Σ λ·s·B·A as
-  [B₁…Bₙ]·diag(λ·s)·[A₁;…;Aₙ]): does skipping the expansion pay?
+  task arithmetic and TIES, adapters vs full task vectors. Task arithmetic on adapters runs the
+  stacked matmul per tensor (Σ λ·s·B·A as [B₁…Bₙ]·diag(λ·s)·[A₁;…;Aₙ], ``low_rank.combine``);
+  ``task_arithmetic_adapters_expanded_s`` times the expansion it replaced (each adapter expanded,
+  then added), in the same run; TIES expands each adapter, tensor by tensor.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adapters.py [--rank 16] [--plans 5]
 """
@@ -32,9 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from optimizer.checkpoints import ModelSet, load_task_vectors  # noqa: E402
-from optimizer.low_rank import LowRankDelta, all_zero, nbytes  # noqa: E402
-from optimizer.merge import MergePlan, ModelParams  # noqa: E402
+from optimizer.low_rank import all_zero, dense_all, nbytes  # noqa: E402
+from optimizer.merge import MergePlan, ModelParams, get_method  # noqa: E402
 from optimizer.merge.apply import iter_merged  # noqa: E402
+from optimizer.models import describe  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / ".work" / "adapters"
@@ -109,21 +111,20 @@ def merge_times(models_low: ModelSet, models_full: ModelSet, repeats: int) -> di
 
             out[f"{method}_{label}_s"] = round(_median_time(run, repeats), 3)
             print(method, label, out[f"{method}_{label}_s"], flush=True)
-    weights = [0.4 + 0.1 * i for i in range(len(names))]
+    ta_plan = MergePlan("task_arithmetic", tuple(names), {m: ModelParams(0.4 + 0.1 * i) for i, m in enumerate(names)})
+    method = get_method("task_arithmetic")
 
-    def stacked() -> None:
+    def expanded() -> None:
+        """Task arithmetic as merge_tensor did before the stacked path: each adapter expanded."""
         for name, b in base.items():
             taus = low[name]
-            if all_zero(taus):  # as merge_tensor does: untouched tensors are the base
+            if all_zero(taus):
                 b.clone()
-            elif all(isinstance(t, LowRankDelta) and t.rank > 0 and t.dense_part is None for t in taus):
-                bs = torch.cat([t.B * (w * t.scale) for t, w in zip(taus, weights, strict=True)], dim=1)
-                a = torch.cat([t.A for t in taus], dim=0)
-                torch.addmm(b, bs, a)
-            else:
-                b + sum(w * t.expand() for t, w in zip(taus, weights, strict=True))
+                continue
+            params = ta_plan.for_tensor(describe(name))
+            method.merge(name, b, dense_all(taus), params, dict(method.options), torch.Generator())
 
-    out["task_arithmetic_adapters_stacked_matmul_s"] = round(_median_time(stacked, repeats), 3)
+    out["task_arithmetic_adapters_expanded_s"] = round(_median_time(expanded, repeats), 3)
     return out
 
 
