@@ -25,10 +25,14 @@ def _shift(word: str, by: int) -> str:
 
 
 def _rot_choices(row: dict, rng: random.Random) -> dict:
-    """A multiple-choice row: the right Caesar shift among two near misses, in a seeded order."""
-    word = row["prompt"].removeprefix("ROT: ").removesuffix(" =")
+    """A multiple-choice row: the right Caesar shift among two near misses (one letter off, at a
+    seeded position each), in a seeded order."""
     answer = row["target"].strip()
-    choices = [answer, _shift(word, 2), _shift(word, 4)]
+    near = []
+    for _ in range(2):
+        i = rng.randrange(len(answer))
+        near.append(answer[:i] + _shift(answer[i], rng.choice((1, 25))) + answer[i + 1 :])
+    choices = [answer, *near]
     rng.shuffle(choices)
     return {"prompt": row["prompt"], "choices": choices, "label": choices.index(answer)}
 
