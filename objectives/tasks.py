@@ -95,15 +95,24 @@ def only_native(tasks: Sequence[AnyTask], feature: str) -> list[Task]:
 def score_tasks(engine: Engine, tasks: Sequence[AnyTask], split: str = "search") -> list[MetricResult]:
     """Every task's score on ``split``, the tasks sharing the engine's batches: data-file tasks one
     call per request kind, lm-eval tasks one harness evaluation for all of them."""
-    mine = native(tasks)
-    scores = score_together(engine, [(t.metric, t.examples(split)) for t in mine]) if mine else []
-    results = dict(zip((t.name for t in mine), scores, strict=True))
-    harness = [task for task in tasks if not isinstance(task, Task)]
-    if harness:
+    return _score(engine, [(task, None) for task in tasks], split)
+
+
+def _score(engine: Engine, jobs: Sequence[tuple[AnyTask, Sequence[int] | None]], split: str) -> list[MetricResult]:
+    """Each (task, item indices of ``split`` — None: all of it), every job sharing the engine's calls."""
+    mine = [(i, t, idx) for i, (t, idx) in enumerate(jobs) if isinstance(t, Task)]
+    rows = [t.examples(split) if idx is None else [t.examples(split)[j] for j in idx] for _, t, idx in mine]
+    scores = score_together(engine, [(t.metric, r) for (_, t, _), r in zip(mine, rows, strict=True)]) if mine else []
+    out = dict(zip((i for i, _, _ in mine), scores, strict=True))
+    rest = [(i, t, idx) for i, (t, idx) in enumerate(jobs) if not isinstance(t, Task)]
+    if rest:
         from objectives.harness_tasks import score_harness
 
-        results.update(zip((t.name for t in harness), score_harness(engine, harness, split), strict=True))
-    return [results[task.name] for task in tasks]
+        whole = all(idx is None for _, _, idx in rest)
+        subsets = None if whole else [list(range(t.size(split))) if idx is None else idx for _, t, idx in rest]
+        parts = score_harness(engine, [t for _, t, _ in rest], split, subsets)
+        out.update(zip((i for i, _, _ in rest), parts, strict=True))
+    return [out[i] for i in range(len(jobs))]
 
 
 def _check_fields(rows: Sequence[dict], fields: Sequence[str], where: str) -> None:
@@ -214,17 +223,7 @@ def check_stageable(tasks: Sequence[AnyTask]) -> None:
 def score_parts(engine: Engine, jobs: Sequence[tuple[AnyTask, Sequence[int]]]) -> list[MetricResult]:
     """Each (task, item indices of its search split) scored, every job sharing the engine's calls:
     the parts early rejection scores a candidate on, stage by stage."""
-    mine = [(i, t, idx) for i, (t, idx) in enumerate(jobs) if isinstance(t, Task)]
-    out: dict[int, MetricResult] = {}
-    scores = score_together(engine, [(t.metric, [t.search[j] for j in idx]) for _, t, idx in mine]) if mine else []
-    out.update(zip((i for i, _, _ in mine), scores, strict=True))
-    rest = [(i, t, idx) for i, (t, idx) in enumerate(jobs) if not isinstance(t, Task)]
-    if rest:
-        from objectives.harness_tasks import score_harness
-
-        parts = score_harness(engine, [t for _, t, _ in rest], "search", [idx for _, _, idx in rest])
-        out.update(zip((i for i, _, _ in rest), parts, strict=True))
-    return [out[i] for i in range(len(jobs))]
+    return _score(engine, list(jobs), "search")
 
 
 def _harness_task(obj: ObjectiveConfig, config: StudyConfig, tokenizer: _BaseTokenizer, seen: dict[str, str]) -> Any:
