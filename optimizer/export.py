@@ -33,6 +33,7 @@ from optimizer.checkpoints import (
 )
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError, MergeoptError
+from optimizer.families import Family, family_of
 from optimizer.low_rank import Delta
 from optimizer.merge import MergePlan, get_method
 from optimizer.merge._registry import MergeMethod
@@ -124,6 +125,7 @@ def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None 
         specialists.append(check_specialist(path, name, shapes) or CheckpointReader(path))
     method = method or get_method(plan.method)
     options = resolved_options(method, plan)
+    family = family_of(model_config(models.base))
 
     def delta(source: CheckpointReader | Adapter, name: str, b: torch.Tensor) -> Delta:
         if isinstance(source, Adapter):
@@ -133,9 +135,22 @@ def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name in base.names():
             b = base.get(name)
-            yield name, merge_tensor(plan, name, b, [delta(s, name, b) for s in specialists], method, options)
+            deltas = [delta(s, name, b) for s in specialists]
+            yield name, merge_tensor(plan, name, b, deltas, method, options, family)
 
     return TensorStream({name: shapes[name] for name in base.names()}, tensors())
+
+
+def mergekit_gap(method: MergeMethod, family: Family) -> str | None:
+    """Why mergekit cannot rebuild this merge (None where its YAML does, tensor for tensor)."""
+    if method.mergekit is None:
+        return f"mergekit has no `{method.name}` method"
+    if family.experts and method.uses_density:
+        return (
+            f"mergekit ranks the top-k share of `{method.name}` over all experts of a layer at once"
+            " (one fused tensor), mergeopt over each expert's own tensor"
+        )
+    return None
 
 
 def export_trial(
@@ -178,12 +193,18 @@ def export_trial(
     num_layers = int(base_config.get("num_hidden_layers", 0))
     written = dtype or base_dtype(base_config)
     files: dict[str, str] = {}
-    has_mergekit = get_method(plan.method).mergekit is not None
-    if has_mergekit:
+    family = family_of(base_config)
+    no_mergekit = mergekit_gap(get_method(plan.method), family)
+    if no_mergekit is None:
         from optimizer.mergekit_yaml import to_yaml
 
         files["mergekit.yaml"] = to_yaml(
-            plan, base_path=base_dir, model_paths=model_dirs, num_layers=num_layers, dtype=written
+            plan,
+            base_path=base_dir,
+            model_paths=model_dirs,
+            num_layers=num_layers,
+            dtype=written,
+            family=family,
         )
     files["README.md"] = model_card(
         study=study.study_name,
@@ -196,7 +217,7 @@ def export_trial(
         search=values,
         held_out=study.user_attrs.get(attrs.HELD_OUT, {}).get(str(number)),
         storage_arg=storage_arg or f"studies/{study.study_name}",
-        has_mergekit=has_mergekit,
+        no_mergekit=no_mergekit,
     )
     return write_model_dir(Path(out), base_dir, merged, extra, files, dtype=written, max_shard_bytes=max_shard_bytes)
 

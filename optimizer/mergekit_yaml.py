@@ -14,8 +14,9 @@ mergekit 0.1.5 resolves a parameter for a tensor (``mergekit/plan.py``, ``config
   value, and float interpolation at t·(L−1) is not always exact (⌊density·n⌋ can move by one).
 
 So we write only exact scalars behind substring filters that mirror ``optimizer.models.describe``:
-``layers.{i}.self_attn.`` and ``layers.{i}.input_layernorm.`` (our ``attn``),
-``layers.{i}.mlp.`` and ``layers.{i}.post_attention_layernorm.`` (``mlp``), ``layers.{i}.`` when
+the family's block prefixes (Llama: ``layers.{i}.self_attn.`` and ``layers.{i}.input_layernorm.``
+for our ``attn``, ``layers.{i}.mlp.`` and ``layers.{i}.post_attention_layernorm.`` for ``mlp``; see
+:mod:`optimizer.families` for Gemma 2's and the mixtures of experts'), ``layers.{i}.`` when
 both agree, ``embed_tokens.`` (``embed``), ``model.norm.`` and ``lm_head.`` (``head``), then a
 filter-less default. The filters are disjoint ("layers.1." is not inside "layers.11."), so the
 order of the specific ones does not matter. Values are resolved with the plan's own
@@ -30,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from optimizer.errors import ConfigError
+from optimizer.families import LLAMA, Family
 from optimizer.merge import get_method, method_names
 from optimizer.merge.apply import resolved_options
 from optimizer.merge.plan import MergePlan, ModelParams, scopes_for
@@ -43,12 +45,13 @@ _OPTION_TYPES: dict[str, type] = {"normalize": bool, "rescale": bool, "lambda": 
 # ``--random-seed`` flag, and draws from another RNG anyway).
 _NOT_EXPORTED = frozenset({"seed"})
 
-_KIND_FILTERS = {
-    "attn": ("self_attn.", "input_layernorm."),
-    "mlp": ("mlp.", "post_attention_layernorm."),
-    "embed": ("embed_tokens.",),
-    "head": ("model.norm.", "lm_head."),
-}
+
+def _kind_filters(family: Family) -> dict[str, tuple[str, ...]]:
+    """mergekit substring filters per module kind: the family's own block prefixes."""
+    mlp = family.mlp + family.mergekit_mlp
+    return {"attn": family.attn, "mlp": mlp, "embed": ("embed_tokens.",), "head": ("model.norm.", "lm_head.")}
+
+
 _LAYER_SCOPE = re.compile(r"^L(\d+)(?:\.|$)")
 
 
@@ -59,12 +62,14 @@ def plan_to_mergekit(
     model_paths: Mapping[str, Path],
     num_layers: int,
     dtype: str = "float32",
+    family: Family = LLAMA,
 ) -> dict:
     """A mergekit config dict (``MergeConfiguration`` schema) equivalent to ``plan``.
 
     ``model_paths`` maps each of ``plan.models`` to its directory; paths are written absolute so
     the YAML runs from any working directory. ``num_layers`` is the decoder depth, needed to
-    spell out per-layer values. Raises :class:`ConfigError` for a method mergekit lacks.
+    spell out per-layer values; ``family`` decides which module names each block's filters name.
+    Raises :class:`ConfigError` for a method mergekit lacks.
     """
     method = get_method(plan.method)
     if method.mergekit is None:
@@ -89,7 +94,7 @@ def plan_to_mergekit(
     models = []
     for model in plan.models:
         table = _resolve_groups(plan, model, num_layers)
-        params = {f: _setting({g: getattr(p, f) for g, p in table.items()}) for f in fields}
+        params = {f: _setting({g: getattr(p, f) for g, p in table.items()}, family) for f in fields}
         models.append({"model": _reference(model_paths[model], base_path), "parameters": params})
 
     config: dict = {"merge_method": method.mergekit}
@@ -112,11 +117,14 @@ def to_yaml(
     model_paths: Mapping[str, Path],
     num_layers: int,
     dtype: str = "float32",
+    family: Family = LLAMA,
 ) -> str:
     """:func:`plan_to_mergekit` as YAML text for ``mergekit-yaml config.yml OUT``."""
     import yaml
 
-    config = plan_to_mergekit(plan, base_path=base_path, model_paths=model_paths, num_layers=num_layers, dtype=dtype)
+    config = plan_to_mergekit(
+        plan, base_path=base_path, model_paths=model_paths, num_layers=num_layers, dtype=dtype, family=family
+    )
     header = f"# mergekit config written by mergeopt from a {plan.method!r} plan.\n"
     if config["merge_method"].startswith("dare"):
         header += "# DARE masks come from mergekit's RNG (--random-seed), not mergeopt's seed.\n"
@@ -179,7 +187,7 @@ def _resolve_groups(plan: MergePlan, model: str, num_layers: int) -> dict[tuple[
     return table
 
 
-def _setting(values: dict[tuple[int | None, str], float]) -> float | list[dict]:
+def _setting(values: dict[tuple[int | None, str], float], family: Family) -> float | list[dict]:
     """A scalar when every group agrees, else filter conditions ending in a default.
 
     Conditions go from specific to broad — one layer (``layers.3.`` when its attn and mlp agree,
@@ -187,6 +195,7 @@ def _setting(values: dict[tuple[int | None, str], float]) -> float | list[dict]:
     embed / head — and only where a value differs from the level below, so a plan that sets
     ``math.mlp`` reads as one ``mlp.`` condition rather than one per layer.
     """
+    filters = _kind_filters(family)
     values = {g: float(v) for g, v in values.items()}
     default = _most_common(values.values())
     if all(v == default for v in values.values()):
@@ -201,13 +210,13 @@ def _setting(values: dict[tuple[int | None, str], float]) -> float | list[dict]:
             continue
         for kind, value in (("attn", attn), ("mlp", mlp)):
             if value != kind_default[kind]:
-                conditions += [{"filter": f"layers.{i}.{f}", "value": value} for f in _KIND_FILTERS[kind]]
+                conditions += [{"filter": f"layers.{i}.{f}", "value": value} for f in filters[kind]]
     for kind in ("attn", "mlp"):
         if kind_default[kind] != default:
-            conditions += [{"filter": f, "value": kind_default[kind]} for f in _KIND_FILTERS[kind]]
+            conditions += [{"filter": f, "value": kind_default[kind]} for f in filters[kind]]
     for kind in ("embed", "head"):
         if values[(None, kind)] != default:
-            conditions += [{"filter": f, "value": values[(None, kind)]} for f in _KIND_FILTERS[kind]]
+            conditions += [{"filter": f, "value": values[(None, kind)]} for f in filters[kind]]
     conditions.append({"value": default})
     return conditions
 

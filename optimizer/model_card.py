@@ -44,8 +44,9 @@ def model_card(
     search: Mapping[str, float],
     held_out: Mapping[str, float] | None,
     storage_arg: str,
-    has_mergekit: bool,
+    no_mergekit: str | None,
 ) -> str:
+    """The export's README. ``no_mergekit`` is why no mergekit.yaml is shipped (None when one is)."""
     method = get_method(plan.method)
     title = f"trial {trial} of study `{study}`" + (f" (baseline `{label}`)" if label else "")
     lines = [
@@ -81,16 +82,16 @@ def model_card(
         "```",
         f"mergeopt export {storage_arg} --trial {trial} --out DIR",
     ]
-    if has_mergekit:
+    if no_mergekit is None:
         from optimizer.adapters import is_adapter
 
         # mergekit merges each adapter into a full model first, and needs a folder for those.
         cache = " --lora-merge-cache CACHE_DIR" if any(is_adapter(Path(p)) for p in models.values()) else ""
         lines += [f"mergekit-yaml mergekit.yaml DIR{cache}   # same tensors with mergekit (see mergekit.yaml)"]
     lines += ["```", ""]
-    if not has_mergekit:
+    if no_mergekit is not None:
         lines += [
-            f"mergekit has no `{plan.method}` method, so no mergekit.yaml is shipped; `mergeopt.json` holds the",
+            f"{no_mergekit}, so no mergekit.yaml is shipped; `mergeopt.json` holds the",
             "complete plan, which `mergeopt export` rebuilds exactly.",
             "",
         ]

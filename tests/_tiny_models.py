@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TinyModels", "build_tiny_models"]
+__all__ = ["FAMILIES", "TinyModels", "build_tiny_models"]
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,32 @@ class TinyModels:
         return dict(self.specialists)
 
 
-def _config(family: str, *, num_layers: int, hidden: int, tie: bool, vocab: int):
-    from transformers import LlamaConfig, Qwen2Config
+#: Extra config fields per family, beyond the shared small shape (MoE: 4 experts, 2 per token).
+_FAMILY_FIELDS: dict[str, dict] = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {"query_pre_attn_scalar": 64},
+    "gemma3_text": {"query_pre_attn_scalar": 64, "sliding_window": 64},
+    "phi3": {"pad_token_id": 0},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 128,
+        "decoder_sparse_step": 1,
+    },
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "decoder_sparse_step": 1},
+}
+FAMILIES = tuple(_FAMILY_FIELDS)
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
-    return cls(
+
+def _config(family: str, *, num_layers: int, hidden: int, tie: bool, vocab: int):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        family,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -45,6 +66,7 @@ def _config(family: str, *, num_layers: int, hidden: int, tie: bool, vocab: int)
         max_position_embeddings=256,
         tie_word_embeddings=tie,
         dtype="float32",
+        **_FAMILY_FIELDS[family],
     )
 
 
@@ -60,12 +82,14 @@ def build_tiny_models(
     tie_word_embeddings: bool = False,
     variant: str | None = None,
     seed: int = 0,
+    tokenizer: bool = False,
 ) -> TinyModels:
     """Write ``root/base`` and ``root/<name>`` for each specialist; return their paths.
 
     ``variant`` alters the *last* specialist to test refusals: ``"shape_mismatch"`` gives one MLP
     tensor an extra row, ``"renamed"`` renames it (so it is missing and an extra name appears).
-    ``hidden`` must be a multiple of 128 (2 query heads of 64 per KV head).
+    ``hidden`` must be a multiple of 128 (2 query heads of 64 per KV head). ``tokenizer`` saves the
+    zoo's byte tokenizer beside each model (``vocab`` must then hold its 259 ids), for engines.
     """
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
@@ -76,7 +100,7 @@ def build_tiny_models(
     config = _config(family, num_layers=num_layers, hidden=hidden, tie=tie_word_embeddings, vocab=vocab)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
-    if family == "qwen2":
+    if family in ("qwen2", "qwen2_moe"):
         # Fresh biases are zero; give them values so bias tensors are not trivially equal.
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -84,6 +108,10 @@ def build_tiny_models(
                     p.normal_(0, 0.02)
     base_dir = root / "base"
     model.save_pretrained(base_dir)
+    if tokenizer:
+        from optimizer.zoo._tokenizer import build_tokenizer
+
+        build_tokenizer().save_pretrained(base_dir)
     base_state = load_file(str(base_dir / "model.safetensors"))
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -102,7 +130,9 @@ def build_tiny_models(
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy(base_dir / "config.json", out / "config.json")
+        for item in base_dir.iterdir():
+            if item.suffix != ".safetensors":
+                shutil.copy(item, out / item.name)
         specialists[name] = out
     return TinyModels(base=base_dir, specialists=specialists, num_layers=num_layers)
 

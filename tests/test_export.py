@@ -77,7 +77,7 @@ def test_a_method_mergekit_lacks_ships_our_config_and_says_so(tmp_path, monkeypa
         search={"t": 0.5},
         held_out=None,
         storage_arg="studies/s",
-        has_mergekit=False,
+        no_mergekit="mergekit has no `_test_only` method",
     )
     assert "mergekit has no `_test_only` method" in card and "mergeopt.json" in card
     assert "not measured" in card

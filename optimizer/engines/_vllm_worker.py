@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-from optimizer.checkpoints import ModelSet
+from optimizer.checkpoints import ModelSet, model_config
 from optimizer.engines._allocator import retain_freed_memory
+from optimizer.errors import ModelError
+from optimizer.families import family_of
 from optimizer.merge._precision import all_finite
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.plan import MergePlan
@@ -56,6 +58,7 @@ class MergeWorkerExtension:
         # tensors; that is expected for a merge, and would otherwise print once per trial.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         model = self.model_runner.get_model()  # type: ignore[attr-defined]  # vLLM's worker provides it
+        _check_cpu_experts(model)
         param = next(model.parameters())
         dtype = torch.float32 if param.dtype == torch.float32 else param.dtype
         # One specialist at a time, turned into its task vector at once: the load never holds more
@@ -67,6 +70,7 @@ class MergeWorkerExtension:
             models, dtype=dtype, device=param.device, placement=placement
         )
         self.mergeopt_models = tuple(specialists)
+        self.mergeopt_family = family_of(model_config(Path(base)))
         # From here on every merge allocates the same sizes again: keep freed pages mapped. Not
         # before: the checkpoints read above are freed for good and should go back to the system.
         retain_freed_memory()
@@ -92,7 +96,12 @@ class MergeWorkerExtension:
         def weights():
             nonlocal finite
             tensors = merged_tensors(
-                merge_plan, self.mergeopt_base, self.mergeopt_deltas, method, self.mergeopt_placement
+                merge_plan,
+                self.mergeopt_base,
+                self.mergeopt_deltas,
+                method,
+                self.mergeopt_placement,
+                self.mergeopt_family,
             )
             for name, tensor in tensors:
                 if finite and not all_finite(tensor):
@@ -102,6 +111,7 @@ class MergeWorkerExtension:
         runner = self.model_runner  # type: ignore[attr-defined]  # vLLM's worker provides it
         runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         _retie_head(runner.get_model(), runner.model_config.hf_config)
+        _repack_cpu_experts(runner.get_model())
         return {"seconds": time.perf_counter() - t0, "finite": float(finite)}
 
 
@@ -151,3 +161,43 @@ def _retie_head(model: torch.nn.Module, hf_config: object) -> None:
     for head in heads:
         head.tie_weights(embeds[0])
         head.quant_method.process_weights_after_loading(head)
+
+
+def _cpu_experts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+    """(layer, experts) for every mixture-of-experts layer running vLLM's CPU unquantized kernel."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:
+        return []
+    found = []
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            found.append((module, experts))
+    return found
+
+
+def _check_cpu_experts(model: torch.nn.Module) -> None:
+    """Refuse, at load, the CPU expert layouts :func:`_repack_cpu_experts` cannot restore."""
+    for _, experts in _cpu_experts(model):
+        config = experts.moe_config
+        if experts._padded_intermediate_size(config) != config.intermediate_size_per_partition:
+            raise ModelError(
+                f"vLLM's CPU build pads this model's expert width ({config.intermediate_size_per_partition})"
+                " for its kernel, which mergeopt cannot redo after an in-place merge; use engine: hf on CPU"
+            )
+
+
+def _repack_cpu_experts(model: torch.nn.Module) -> None:
+    """Pack mixture-of-experts weights for vLLM's CPU kernel again after an in-place reload.
+
+    The CPU build packs expert weights into its grouped-GEMM layout once, after loading. On a
+    weight update its unquantized MoE method copies the new weights in checkpoint layout and skips
+    that packing (measured: vLLM's own load and an in-place reload of the same base scored
+    differently), so the experts would compute with unpacked weights. Running the experts'
+    post-load step again packs them (tests/test_families.py: in-place merges then equal the
+    transformers engine's). Layers that need padding are refused at load instead.
+    """
+    for module, experts in _cpu_experts(model):
+        experts.process_weights_after_loading(module)

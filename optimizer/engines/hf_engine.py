@@ -12,9 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from optimizer.checkpoints import ModelSet, torch_dtype
+from optimizer.checkpoints import ModelSet, model_config, read_shapes, torch_dtype
 from optimizer.engines._allocator import retain_freed_memory
+from optimizer.engines._hf_params import live_views
 from optimizer.engines.base import Engine, LogLikelihood
+from optimizer.families import family_of
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.plan import MergePlan
 from optimizer.merge.streaming import Placement, load_for_merging, merged_tensors
@@ -55,8 +57,11 @@ class HFEngine(Engine):
         # transformers wraps .to() in a decorator whose annotations mypy reads as unbound
         self.model.to(self.device).eval()  # type: ignore[arg-type]
         # Tied weights appear once in named_parameters; merging only those keeps a tied head
-        # governed by the embedding's coefficients instead of being written twice.
-        self._params = dict(self.model.named_parameters())
+        # governed by the embedding's coefficients instead of being written twice. Experts of a
+        # mixture-of-experts layer are slices of fused parameters in memory (see _hf_params).
+        owned = [name for name, _ in self.model.named_parameters()]
+        self._params = live_views(self.model, read_shapes(models.base), owned)
+        self._family = family_of(model_config(models.base))
         self.placement: Placement = placement
         self._base, self._deltas = load_for_merging(
             models, dtype=dtype_, device=self.device, placement=placement, keep=self._params
@@ -73,7 +78,8 @@ class HFEngine(Engine):
             method = self._bound[plan.method] = bind(
                 plan.method, self.models.names, self.models.data_dir, self.models.base
             )
-        for name, merged in merged_tensors(plan, self._base, self._deltas, method, self.placement):
+        tensors = merged_tensors(plan, self._base, self._deltas, method, self.placement, self._family)
+        for name, merged in tensors:
             self._params[name].copy_(merged)
 
     @torch.no_grad()

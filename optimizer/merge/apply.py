@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from optimizer.errors import ConfigError
+from optimizer.families import LLAMA, Family
 from optimizer.low_rank import Delta, LowRankDelta, all_zero, combine, dense_all
 from optimizer.merge._registry import MergeMethod, get_method
 from optimizer.merge.plan import MergePlan
@@ -49,8 +50,9 @@ def merge_tensor(
     deltas: Sequence[Delta],
     method: MergeMethod | None = None,
     options: Mapping[str, object] | None = None,
+    family: Family = LLAMA,
 ) -> torch.Tensor:
-    """The merged value of one tensor under ``plan``."""
+    """The merged value of one tensor under ``plan`` (``family`` places it in its block)."""
     method = method or get_method(plan.method)
     if method.merge is None:
         kind = method.study_data.kind if method.study_data is not None else "study data"
@@ -63,7 +65,7 @@ def merge_tensor(
         # Only adapters, none of which adapts this tensor: every method merges zero task vectors
         # to the base, so skip expanding N zero tensors (an embedding's worth each).
         return base.clone()
-    params = plan.for_tensor(describe(name))
+    params = plan.for_tensor(describe(name, family))
     if method.linear_in_deltas is not None and any(isinstance(d, LowRankDelta) for d in deltas):
         # A weighted sum of task vectors: adapters' factors go into one stacked matmul, unexpanded.
         base_coef, coefs = method.linear_in_deltas(params, options)
@@ -77,6 +79,7 @@ def iter_merged(
     base: Mapping[str, torch.Tensor],
     deltas: Mapping[str, Sequence[Delta]],
     method: MergeMethod | None = None,
+    family: Family = LLAMA,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` for every tensor of the base, in checkpoint order.
 
@@ -85,7 +88,7 @@ def iter_merged(
     method = method or get_method(plan.method)
     options = resolved_options(method, plan)
     for name, b in base.items():
-        yield name, merge_tensor(plan, name, b, deltas[name], method, options)
+        yield name, merge_tensor(plan, name, b, deltas[name], method, options, family)
 
 
 def merge_state_dict(
@@ -93,6 +96,7 @@ def merge_state_dict(
     base: Mapping[str, torch.Tensor],
     deltas: Mapping[str, Sequence[Delta]],
     method: MergeMethod | None = None,
+    family: Family = LLAMA,
 ) -> dict[str, torch.Tensor]:
     """A whole merged state dict (for exports and tests; engines prefer ``iter_merged``)."""
-    return dict(iter_merged(plan, base, deltas, method))
+    return dict(iter_merged(plan, base, deltas, method, family))

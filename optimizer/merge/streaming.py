@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from optimizer.checkpoints import ModelSet, load_task_vectors
+from optimizer.families import LLAMA, Family
 from optimizer.low_rank import Delta
 from optimizer.merge._registry import MergeMethod, get_method
 from optimizer.merge.apply import iter_merged, merge_tensor, resolved_options
@@ -51,6 +52,7 @@ def iter_merged_streamed(
     base: Mapping[str, torch.Tensor],
     host_deltas: Mapping[str, Sequence[Delta]],
     method: MergeMethod | None = None,
+    family: Family = LLAMA,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` on each base tensor's device, task vectors streamed in.
 
@@ -67,7 +69,7 @@ def iter_merged_streamed(
     if device.type != "cuda":
         for name in names:
             deltas = [t.to(device) for t in host_deltas[name]]
-            yield name, merge_tensor(plan, name, base[name], deltas, method, options)
+            yield name, merge_tensor(plan, name, base[name], deltas, method, options, family)
         return
 
     copy_stream = torch.cuda.Stream(device=device)
@@ -91,7 +93,7 @@ def iter_merged_streamed(
         compute.wait_event(done)
         for tau in deltas:  # allocated on the copy stream, used on the compute stream
             tau.record_stream(compute)
-        yield name, merge_tensor(plan, name, base[name], deltas, method, options)
+        yield name, merge_tensor(plan, name, base[name], deltas, method, options, family)
 
 
 def load_for_merging(
@@ -115,8 +117,9 @@ def merged_tensors(
     deltas: Mapping[str, Sequence[Delta]],
     method: MergeMethod | None,
     placement: Placement = "resident",
+    family: Family = LLAMA,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, merged tensor)`` for every tensor, read from task vectors placed as ``placement``."""
     if placement == "streamed":
-        return iter_merged_streamed(plan, base, deltas, method)
-    return iter_merged(plan, base, deltas, method)
+        return iter_merged_streamed(plan, base, deltas, method, family)
+    return iter_merged(plan, base, deltas, method, family)

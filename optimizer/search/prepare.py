@@ -19,7 +19,9 @@ from optimizer.adapters import base_mismatch_warning
 from optimizer.checkpoints import ModelSet, check_specialist, model_config, read_shapes
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError
+from optimizer.families import family_of
 from optimizer.memory_plan import Machine, MemoryPlan, plan_memory
+from optimizer.models import describe
 from optimizer.search.space import SearchSpace
 from optimizer.search.study_data import ensure_study_data
 
@@ -53,6 +55,9 @@ def _checked_models(config: StudyConfig) -> tuple[ModelSet, int, tuple[str, ...]
     """:func:`check_models`, plus the notes a user should read (adapters trained on another path)."""
     models = ModelSet(config.path(config.base), {n: config.model_path(n) for n in config.models})
     base_shapes = read_shapes(models.base)
+    family = family_of(model_config(models.base))
+    for tensor in base_shapes:  # every tensor must have a place in a block, or no merge can plan it
+        describe(tensor, family)
     notes: list[str] = []
     for name, path in models.specialists.items():
         adapter = check_specialist(path, name, base_shapes)

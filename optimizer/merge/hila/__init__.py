@@ -170,7 +170,7 @@ class HilaMerge:
         if slices:
             table = self.coefficients(q, T)
             for unit, s in slices:
-                if base.dim() <= s.dim or base.shape[s.dim] < s.stop:
+                if not s.fits(base.shape):
                     raise ConfigError(
                         f"hila: unit {unit} owns [{s.start}, {s.stop}) of dim {s.dim} of {name!r}, which has"
                         f" shape {tuple(base.shape)}; the units come from another model's config.json"

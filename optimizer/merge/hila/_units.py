@@ -13,36 +13,45 @@ k = KV heads, g = n / k query heads per KV head):
   them only when the whole group goes.
 * MLP (``L03.mlp``): gate_proj, up_proj, down_proj whole.
 
+Phi-3 stores q, k and v as the row blocks [q; k; v] of one ``qkv_proj`` (n·d, then k·d and k·d
+rows) and gate/up as ``gate_up_proj``: the same units own the same rows there. A mixture of
+experts' MLP unit is every expert, the router and any shared expert of the layer, whole.
+
 So the units partition q/k/v/o_proj and the MLP exactly; norms (including Qwen3's per-head-dim
 q_norm/k_norm, shared by every head), o_proj's bias, embeddings and lm_head belong to no unit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from optimizer.errors import ModelError
-from optimizer.models import layer_key
+from optimizer.families import family_of
+from optimizer.models import describe, layer_key
 
 __all__ = ["TensorSlice", "Unit", "check_fits", "remove_unit", "unit_slices"]
 
 
 @dataclass(frozen=True, slots=True)
 class TensorSlice:
-    """Indices [start, stop) along dimension ``dim`` of checkpoint tensor ``tensor``."""
+    """Indices [start, stop) along dimension ``dim`` of checkpoint tensor ``tensor`` (stop None: to the end)."""
 
     tensor: str
     dim: int
     start: int
-    stop: int
+    stop: int | None
 
     def index(self) -> tuple[slice, ...]:
         """The index expression of this slice (``t[s.index()]``)."""
         return (slice(None),) * self.dim + (slice(self.start, self.stop),)
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Whether a tensor of ``shape`` has these indices."""
+        return len(shape) > self.dim and shape[self.dim] >= (self.stop if self.stop is not None else self.start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +96,25 @@ def unit_slices(config: Mapping[str, object], names: Iterable[str] | None = None
             " grouped-query attention needs whole groups"
         )
     group = n_heads // n_kv
+    family = family_of(config)
     known = set(names) if names is not None else None
     prefix = "model."
     if known is not None and any(n.startswith("layers.") for n in known):
         prefix = ""
+
+    def mlp_slices(layer: int) -> tuple[TensorSlice, ...]:
+        if family.experts and known is not None:
+            # A mixture of experts: every expert, the router and shared experts, whole (no norm).
+            infos = (describe(n, family) for n in sorted(known) if f"layers.{layer}." in n)
+            return tuple(
+                TensorSlice(i.name, 0, 0, None)
+                for i in infos
+                if i.layer == layer and i.kind == "mlp" and not i.role.endswith("norm")
+            )
+        if family.fused_gate_up:
+            return slices(layer, [("mlp.gate_up_proj", 0, 0, 2 * inter), ("mlp.down_proj", 0, 0, hidden)])
+        parts = [("mlp.gate_proj", 0, 0, inter), ("mlp.up_proj", 0, 0, inter), ("mlp.down_proj", 0, 0, hidden)]
+        return slices(layer, parts)
 
     def slices(layer: int, parts: Iterable[tuple[str, int, int, int]]) -> tuple[TensorSlice, ...]:
         out = []
@@ -103,29 +127,35 @@ def unit_slices(config: Mapping[str, object], names: Iterable[str] | None = None
                     out.append(TensorSlice(tensor, dim, start, stop))
         return tuple(out)
 
+    def kv_rows(j: int) -> list[tuple[str, int, int, int]]:
+        # KV head j's rows of k_proj and v_proj; Phi-3 stacks [q; k; v] in one qkv_proj.
+        d = head_dim
+        if family.fused_qkv:
+            k, v = n_heads * d + j * d, (n_heads + n_kv) * d + j * d
+            return [("self_attn.qkv_proj", 0, k, k + d), ("self_attn.qkv_proj", 0, v, v + d)]
+        return [("self_attn.k_proj", 0, j * d, (j + 1) * d), ("self_attn.v_proj", 0, j * d, (j + 1) * d)]
+
+    q_proj = "self_attn.qkv_proj" if family.fused_qkv else "self_attn.q_proj"
     units: list[Unit] = []
     for layer in range(layers):
         lk = layer_key(layer)
         for h in range(n_heads):
             rows = (h * head_dim, (h + 1) * head_dim)
-            parts = [("self_attn.q_proj", 0, *rows), ("self_attn.o_proj", 1, *rows)]
+            parts = [(q_proj, 0, *rows), ("self_attn.o_proj", 1, *rows)]
             if group == 1:  # multi-head attention: head h alone reads KV head h
-                parts += [("self_attn.k_proj", 0, *rows), ("self_attn.v_proj", 0, *rows)]
+                parts += kv_rows(h)
             units.append(Unit(f"{lk}.attn.h{h}", layer, "head", slices(layer, parts)))
         if group > 1:
             for j in range(n_kv):
-                rows = (j * head_dim, (j + 1) * head_dim)
-                parts = [("self_attn.k_proj", 0, *rows), ("self_attn.v_proj", 0, *rows)]
-                units.append(Unit(f"{lk}.attn.kv{j}", layer, "kv", slices(layer, parts)))
-        mlp = [("mlp.gate_proj", 0, 0, inter), ("mlp.up_proj", 0, 0, inter), ("mlp.down_proj", 0, 0, hidden)]
-        units.append(Unit(f"{lk}.mlp", layer, "mlp", slices(layer, mlp)))
+                units.append(Unit(f"{lk}.attn.kv{j}", layer, "kv", slices(layer, kv_rows(j))))
+        units.append(Unit(f"{lk}.mlp", layer, "mlp", mlp_slices(layer)))
     return units
 
 
 def check_fits(unit: Unit, state: Mapping[str, torch.Tensor]) -> None:
     for s in unit.slices:
         t = state.get(s.tensor)
-        if t is not None and (t.dim() <= s.dim or t.shape[s.dim] < s.stop):
+        if t is not None and not s.fits(t.shape):
             raise ModelError(
                 f"unit {unit.name}: tensor {s.tensor!r} has shape {tuple(t.shape)}, too small for indices"
                 f" [{s.start}, {s.stop}) on dim {s.dim}; the units were built from another model's config.json"

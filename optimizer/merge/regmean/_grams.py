@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from optimizer.errors import ModelError
 from optimizer.merge.regmean._solve import gram_key
 
 if TYPE_CHECKING:
@@ -55,10 +54,7 @@ class GramCollector:
         for name, module in self.model.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
-            try:
-                key = gram_key(f"{name}.weight")
-            except ModelError:
-                continue  # a linear outside the decoder stack mergeopt knows (e.g. a vision tower)
+            key = gram_key(f"{name}.weight")
             if key is not None and key not in chosen and (self.keys is None or key in self.keys):
                 chosen[key] = module
         return chosen

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import torch
 
 from optimizer.errors import ConfigError
-from optimizer.models import describe
 
 __all__ = ["gram_key", "regmean_fallback", "regmean_solve", "shrink_gram"]
 
@@ -119,6 +118,8 @@ _SHARED = {
     "v_proj": "qkv_input",
     "gate_proj": "gate_up_input",
     "up_proj": "gate_up_input",
+    "qkv_proj": "qkv_input",  # Phi-3 stores q/k/v and gate/up fused: one Gram, the same input
+    "gate_up_proj": "gate_up_input",
 }
 _OWN = ("o_proj", "down_proj", "lm_head")
 
@@ -129,12 +130,15 @@ def gram_key(name: str) -> str | None:
     q/k/v read the same normed hidden state, and gate/up another: one Gram each, keyed by the
     parent module (``model.layers.3.self_attn.qkv_input``, ``model.layers.3.mlp.gate_up_input``).
     o_proj, down_proj and lm_head (whose input is the final norm's output) have their own, keyed by
-    the module (``model.layers.3.mlp.down_proj``, ``lm_head``). Biases, norms and embeddings: None.
+    the module (``model.layers.3.mlp.down_proj``, ``lm_head``). Biases, norms, embeddings, routers and
+    mixture-of-experts experts: None.
     """
-    if not name.endswith(".weight"):
+    if not name.endswith(".weight") or ".experts." in name:
+        # An expert sees only the tokens routed to it, and transformers runs experts as slices of
+        # fused tensors that no hook can see apart: experts are averaged, like norms.
         return None
-    role = describe(name).role
     module = name.removesuffix(".weight")
+    role = module.rsplit(".", 1)[-1]  # the module's own name, whatever the family
     if role in _SHARED:
         return f"{module.rsplit('.', 1)[0]}.{_SHARED[role]}"
     if role in _OWN:
