@@ -17,6 +17,7 @@ import torch
 from optimizer.adapters import Adapter, is_adapter, read_adapter
 from optimizer.errors import ConfigError, ModelError
 from optimizer.low_rank import Delta
+from optimizer.vocab import check_added_tokens, is_vocab_tensor, tokenizer_rows, vocab_delta
 
 __all__ = [
     "DTYPES",
@@ -29,6 +30,7 @@ __all__ = [
     "load_task_vectors",
     "model_config",
     "read_shapes",
+    "task_delta",
     "torch_dtype",
     "weight_files",
 ]
@@ -168,11 +170,13 @@ def check_compatible(
     base: Mapping[str, torch.Tensor | tuple[int, ...]],
     other: Mapping[str, torch.Tensor | tuple[int, ...]],
     other_name: str,
+    vocab_rows: int | None = None,
 ) -> None:
     """Refuse a specialist whose tensors differ from the base, naming the first offender.
 
     Takes tensors or bare shapes (from :func:`read_shapes`), so configs are checked before
-    any weight is loaded.
+    any weight is loaded. With ``vocab_rows`` (the base tokenizer's rows), the embedding and LM
+    head may differ in padding rows past it (see :mod:`optimizer.vocab`).
     """
     for name, tensor in base.items():
         if name not in other:
@@ -180,7 +184,15 @@ def check_compatible(
                 f"model {other_name!r} lacks tensor {name!r} that the base has; all models must be"
                 " fine-tunes of the same base architecture"
             )
-        if _shape(other[name]) != _shape(tensor):
+        mine, theirs = _shape(tensor), _shape(other[name])
+        if vocab_rows is not None and is_vocab_tensor(name) and mine[1:] == theirs[1:] and mine != theirs:
+            if min(mine[0], theirs[0]) < vocab_rows:
+                raise ModelError(
+                    f"model {other_name!r}: tensor {name!r} has {theirs[0]} rows and the base {mine[0]},"
+                    f" but the base's tokenizer has {vocab_rows} tokens; both need a row for every token"
+                )
+            continue  # they differ only in padding rows past the tokenizer
+        if theirs != mine:
             raise ModelError(
                 f"model {other_name!r}: tensor {name!r} has shape {_shape(other[name])}, the base"
                 f" has {_shape(tensor)}; all models must be fine-tunes of the same base"
@@ -193,13 +205,23 @@ def check_compatible(
         )
 
 
-def check_specialist(path: Path, name: str, base_shapes: Mapping[str, tuple[int, ...]]) -> Adapter | None:
-    """Refuse a specialist that does not fit the base, from headers alone; its :class:`Adapter` if it is one."""
+def check_specialist(
+    path: Path, name: str, base_shapes: Mapping[str, tuple[int, ...]], base_dir: Path | None = None
+) -> Adapter | None:
+    """Refuse a specialist that does not fit the base, from headers alone; its :class:`Adapter` if it is one.
+
+    With ``base_dir``, a full checkpoint's tokenizer is compared with the base's (added tokens are
+    refused) and its embedding may differ from the base's in padding rows.
+    """
     if is_adapter(path):
         adapter = read_adapter(path, name)
         adapter.check_against(base_shapes, name)
         return adapter
-    check_compatible(base_shapes, read_shapes(path), name)
+    rows = None
+    if base_dir is not None:
+        check_added_tokens(base_dir, path, name)
+        rows = tokenizer_rows(base_dir)
+    check_compatible(base_shapes, read_shapes(path), name, rows)
     return None
 
 
@@ -210,6 +232,7 @@ def load_task_vector(
     *,
     dtype: torch.dtype = torch.float32,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    vocab_rows: int | None = None,
 ) -> dict[str, Delta]:
     """τ = θ − θ₀ of one specialist, for every tensor of ``base`` (on ``base``'s devices).
 
@@ -230,8 +253,16 @@ def load_task_vector(
         shapes if shapes is not None else base,
         state if shapes is not None else {k: v for k, v in state.items() if k in base},
         name,
+        vocab_rows,
     )
-    return {k: state.pop(k).to(b.device) - b for k, b in base.items()}
+    return {k: task_delta(state.pop(k), b, vocab_rows) for k, b in base.items()}
+
+
+def task_delta(tensor: torch.Tensor, base: torch.Tensor, vocab_rows: int | None = None) -> torch.Tensor:
+    """θ − θ₀ of one tensor; on the base's rows where a vocabulary tensor differs in padding."""
+    if tensor.shape != base.shape and vocab_rows is not None:
+        return vocab_delta(tensor, base, vocab_rows)
+    return tensor.to(base.device) - base
 
 
 def load_task_vectors(
@@ -252,7 +283,8 @@ def load_task_vectors(
     base = {k: v.to(device) for k, v in state.items() if keep is None or k in keep}
     del state
     deltas: dict[str, list[Delta]] = {k: [] for k in base}
+    rows = tokenizer_rows(models.base)
     for name, path in models.specialists.items():
-        for k, tau in load_task_vector(base, path, name, dtype=dtype, shapes=shapes).items():
+        for k, tau in load_task_vector(base, path, name, dtype=dtype, shapes=shapes, vocab_rows=rows).items():
             deltas[k].append(tau)
     return base, deltas

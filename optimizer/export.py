@@ -29,6 +29,7 @@ from optimizer.checkpoints import (
     check_specialist,
     model_config,
     read_shapes,
+    task_delta,
     torch_dtype,
 )
 from optimizer.config import StudyConfig
@@ -44,6 +45,7 @@ from optimizer.search import attrs
 from optimizer.search.storage import study_url
 from optimizer.search.study import load_study, located, study_config
 from optimizer.shards import DEFAULT_MAX_SHARD_BYTES, TensorStream, write_shards
+from optimizer.vocab import tokenizer_rows
 
 __all__ = ["base_dtype", "export_study_trial", "export_trial", "get_trial", "merged_stream", "write_model_dir"]
 
@@ -122,15 +124,16 @@ def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None 
     specialists: list[CheckpointReader | Adapter] = []
     for name in plan.models:  # the models may have changed on disk since the study scored them
         path = models.specialists[name]
-        specialists.append(check_specialist(path, name, shapes) or CheckpointReader(path))
+        specialists.append(check_specialist(path, name, shapes, models.base) or CheckpointReader(path))
     method = method or get_method(plan.method)
     options = resolved_options(method, plan)
     family = family_of(model_config(models.base))
+    rows = tokenizer_rows(models.base)
 
     def delta(source: CheckpointReader | Adapter, name: str, b: torch.Tensor) -> Delta:
         if isinstance(source, Adapter):
             return source.delta(name, b, dtype=torch.float32, device="cpu")
-        return source.get(name) - b
+        return task_delta(source.get(name), b, rows)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name in base.names():

@@ -352,3 +352,87 @@ def test_vllm_merges_gemma2_and_a_mixture_of_experts_in_place_as_transformers_do
     assert rewritten == pytest.approx(fresh, abs=1e-4)
     assert merged == pytest.approx(expected, abs=1e-3)
     assert merged != pytest.approx(fresh, abs=0.1)  # the merge changed the live weights
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+
+def _resized_copy(src: Path, dst: Path, rows: int) -> Path:
+    """``src`` saved as after ``resize_token_embeddings(rows)``: embedding and head cut to ``rows``."""
+    from safetensors.torch import save_file
+
+    dst.mkdir()
+    for item in src.iterdir():
+        if item.suffix != ".safetensors":
+            (dst / item.name).write_bytes(item.read_bytes())
+    state = {
+        k: (v[:rows].clone() if k.endswith("embed_tokens.weight") or k == "lm_head.weight" else v)
+        for k, v in load_state_dict(src).items()
+    }
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_a_specialist_without_the_bases_padding_rows_merges_on_the_tokenizers_rows(tiny, tmp_path: Path) -> None:
+    """The base pads its 259-token vocabulary to 320 rows; a specialist resized to its tokenizer
+    (264 rows) still merges: token rows as the method says, padding rows the base's, in the engine
+    and in the export alike."""
+    from optimizer.config import StudyConfig
+    from optimizer.engines.hf_engine import HFEngine
+    from optimizer.export import merged_stream
+    from optimizer.search.prepare import check_models
+
+    models = tiny("qwen3")
+    code = _resized_copy(models.specialists["code"], tmp_path / "code", 264)
+    config = StudyConfig.model_validate(
+        {
+            "name": "v",
+            "base": str(models.base),
+            "models": {"math": str(models.specialists["math"]), "code": str(code)},
+            "objectives": [{"name": "x", "data": str(tmp_path), "metric": "nll"}],
+        }
+    )
+    check_models(config)  # validated as a user's study is: no shape refusal
+    model_set = ModelSet(models.base, {"math": models.specialists["math"], "code": code})
+    plan = MergePlan("task_arithmetic", MODELS, {"math": ModelParams(0.6), "code": ModelParams(0.8)})
+    base = load_state_dict(models.base)
+    math, full_code = load_state_dict(models.specialists["math"]), load_state_dict(models.specialists["code"])
+    name = "model.embed_tokens.weight"
+    want = base[name].clone()
+    want += 0.6 * (math[name] - base[name])
+    want[:259] += 0.8 * (full_code[name][:259] - base[name][:259])  # the code model's token rows only
+    exported = dict(merged_stream(plan, model_set).tensors)
+    with HFEngine(model_set, device="cpu") as engine:
+        engine.apply_plan(plan)
+        live = engine.model.get_input_embeddings().weight.detach()
+    for got in (live, exported[name]):
+        assert got.shape == (320, 128)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_a_specialist_that_added_tokens_is_one_line_naming_them(tiny, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    models = tiny("qwen3")
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    for item in models.specialists["code"].iterdir():
+        (chat / item.name).write_bytes(item.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(str(chat))
+    tokenizer.add_tokens(["<|tool|>", "<|think|>"])  # rows 259 and 260: inside the base's padding
+    tokenizer.save_pretrained(str(chat))
+    db = tmp_path / "study" / "s.db"
+    config = {
+        "name": "added",
+        "base": str(models.base),
+        "models": {"math": str(models.specialists["math"]), "chat": str(chat)},
+        "objectives": [{"name": "x", "data": str(_data(tmp_path)), "metric": "nll", "limit": 4}],
+        "storage": f"sqlite:///{db}",
+        "engine": "hf",
+    }
+    proc = run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "'<|tool|>'" in lines[0] and "'<|think|>'" in lines[0] and "resize_token_embeddings" in lines[0]
+    assert not db.parent.exists()

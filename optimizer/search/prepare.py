@@ -60,7 +60,7 @@ def _checked_models(config: StudyConfig) -> tuple[ModelSet, int, tuple[str, ...]
         describe(tensor, family)
     notes: list[str] = []
     for name, path in models.specialists.items():
-        adapter = check_specialist(path, name, base_shapes)
+        adapter = check_specialist(path, name, base_shapes, models.base)
         note = base_mismatch_warning(adapter, models.base, name) if adapter else None
         if note:
             notes.append(note)
