@@ -9,8 +9,11 @@ printed here as one line on stderr with exit code 2. Nothing outside this packag
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+from typing import NoReturn
 
 # A study's log shows trials, not libraries' progress bars (lm-eval draws one per task per trial,
 # datasets one per split it reads); tqdm reads this when it is first imported, so it is set first.
@@ -45,8 +48,33 @@ app.command()(analyze.golden)
 
 def main() -> None:
     """Console entry point: user errors → one line on stderr, exit code 2."""
+    code: int | str | None = 0
     try:
         app()
     except MergeoptError as exc:
         print(f"mergeopt: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except SystemExit as exc:
+        code = exc.code
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> NoReturn:
+    """Exit with ``code``; after vLLM ran in this process, without the interpreter's teardown.
+
+    Now and then (about 1 run in 10 with lm-eval objectives) a process that ran vLLM's engine
+    aborted in teardown, after the study was stored and the engine closed: "terminate called
+    without an active exception", SIGABRT, exit 134, from a native library's thread or static
+    destructor (not found). A study that finished must not exit as a crash, so once everything is
+    flushed such a process leaves with its own exit code and skips the teardown.
+    """
+    if "vllm" not in sys.modules:
+        sys.exit(code)
+    if isinstance(code, str):  # sys.exit("message") prints the message and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code or 0)
