@@ -222,6 +222,9 @@ class StudyConfig(_Strict):
     granularity: Literal["model", "layer", "group"] = "model"
     group_size: int = Field(default=2, gt=0)
     split_modules: bool = False
+    # Mixture-of-experts models: the experts of a layer share the MLP's coefficients ("joint"), or
+    # each expert gets its own ("each"; layer or group granularity).
+    experts: Literal["joint", "each"] = "joint"
     weight: Bounds = Bounds(low=0.0, high=1.0)
     density: Bounds = Bounds(low=0.1, high=1.0)
     options: dict[str, float | int | bool] = Field(default_factory=dict)

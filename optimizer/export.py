@@ -11,6 +11,7 @@ failed export leaves nothing that looks like a model.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -144,10 +145,15 @@ def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None 
     return TensorStream({name: shapes[name] for name in base.names()}, tensors())
 
 
-def mergekit_gap(method: MergeMethod, family: Family) -> str | None:
+_EXPERT_SCOPE = re.compile(r"\.mlp\.e\d+$")
+
+
+def mergekit_gap(method: MergeMethod, family: Family, plan: MergePlan) -> str | None:
     """Why mergekit cannot rebuild this merge (None where its YAML does, tensor for tensor)."""
     if method.mergekit is None:
         return f"mergekit has no `{method.name}` method"
+    if any(_EXPERT_SCOPE.search(scope) for scope in plan.params):
+        return "mergekit holds a layer's experts as one tensor, so it cannot give each expert its own coefficients"
     if family.experts and method.uses_density:
         return (
             f"mergekit ranks the top-k share of `{method.name}` over all experts of a layer at once"
@@ -197,7 +203,7 @@ def export_trial(
     written = dtype or base_dtype(base_config)
     files: dict[str, str] = {}
     family = family_of(base_config)
-    no_mergekit = mergekit_gap(get_method(plan.method), family)
+    no_mergekit = mergekit_gap(get_method(plan.method), family, plan)
     if no_mergekit is None:
         from optimizer.mergekit_yaml import to_yaml
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["FAMILIES", "LLAMA", "Family", "family_of", "known_families"]
+__all__ = ["FAMILIES", "LLAMA", "Family", "expert_count", "family_of", "known_families"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +92,12 @@ def family_of(config: Mapping[str, object]) -> Family:
 def known_families() -> str:
     """The model types mergeopt knows, for error messages."""
     return ", ".join(t for f in FAMILIES for t in f.model_types)
+
+
+def expert_count(config: Mapping[str, object]) -> int:
+    """Experts per mixture-of-experts layer (``num_local_experts`` or ``num_experts``); 0 for a dense model."""
+    for key in ("num_local_experts", "num_experts"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0

@@ -149,8 +149,14 @@ def _abs(path: Path) -> str:
 
 
 def _check_scopes(plan: MergePlan, num_layers: int) -> None:
-    # A scope past the last layer would silently fall back to a coarser value in the YAML.
+    # A scope past the last layer would silently fall back to a coarser value in the YAML, and so
+    # would an expert's own (mergekit holds a layer's experts as one tensor).
     for scope in plan.params:
+        if re.search(r"\.mlp\.e\d+$", scope):
+            raise ConfigError(
+                f"plan scope {scope!r} gives one expert its own coefficients; mergekit holds a layer's"
+                " experts as one tensor and cannot express it (export the model with mergeopt instead)"
+            )
         for model in plan.models:
             if not scope.startswith(model + "."):
                 continue

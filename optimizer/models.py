@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from optimizer.errors import ModelError
 from optimizer.families import LLAMA, Family, known_families
 
-__all__ = ["KINDS", "TensorInfo", "describe", "layer_key", "num_layers"]
+__all__ = ["KINDS", "TensorInfo", "describe", "expert_key", "layer_key", "num_layers"]
 
 #: Module kinds a plan can address. ``embed`` is the token embedding, ``head`` the final norm
 #: and the LM head; per-layer norms belong to their block (``attn`` or ``mlp``; see optimizer.families).
@@ -80,6 +80,11 @@ def describe(name: str, family: Family = LLAMA) -> TensorInfo:
 def layer_key(layer: int) -> str:
     """Stable, sortable layer label used in parameter names (``L03``)."""
     return f"L{layer:02d}"
+
+
+def expert_key(expert: int) -> str:
+    """Label of a mixture-of-experts layer's expert in scope and parameter names (``e05``)."""
+    return f"e{expert:02d}"
 
 
 def num_layers(names: list[str] | Mapping[str, object], family: Family = LLAMA) -> int:

@@ -436,3 +436,67 @@ def test_a_specialist_that_added_tokens_is_one_line_naming_them(tiny, tmp_path: 
     assert len(lines) == 1, proc.stderr
     assert "'<|tool|>'" in lines[0] and "'<|think|>'" in lines[0] and "resize_token_embeddings" in lines[0]
     assert not db.parent.exists()
+
+
+# --------------------------------------------------------------------------- experts apart
+
+
+def test_an_experts_scope_steers_that_expert_alone(tiny) -> None:
+    models = tiny("mixtral")
+    joint = _ours(models, MergePlan("task_arithmetic", MODELS, PLAN))
+    apart = _ours(models, MergePlan("task_arithmetic", MODELS, {**PLAN, "math.L01.mlp.e02": ModelParams(0.0)}))
+    changed = sorted(n for n in joint if not torch.equal(joint[n], apart[n]))
+    assert changed == [f"model.layers.1.block_sparse_moe.experts.2.{w}.weight" for w in ("w1", "w2", "w3")]
+    base = load_state_dict(models.base)
+    code = load_state_dict(models.specialists["code"])
+    name = changed[0]
+    want = base[name] + 0.9 * (code[name] - base[name])  # code.mlp = 0.9; math's share switched off
+    torch.testing.assert_close(apart[name], want, atol=1e-6, rtol=0)
+
+
+def _moe_config(models, tmp_path: Path, **extra: object) -> dict:
+    return {
+        "name": "moe",
+        "base": str(models.base),
+        "models": {m: str(p) for m, p in models.specialists.items()},
+        "method": "task_arithmetic",
+        "objectives": [{"name": "x", "data": str(_data(tmp_path)), "metric": "nll", "limit": 4}],
+        "storage": f"sqlite:///{tmp_path / 'study' / 's.db'}",
+        "engine": "hf",
+        "search": {"trials": 2, "seed": 0, "baselines": False},
+        **extra,
+    }
+
+
+def test_a_study_can_search_each_expert_apart_and_export_it(tiny, tmp_path: Path) -> None:
+    """``experts: each``: every expert of every layer is a parameter; the export merges what the
+    trial's plan says, expert by expert, and ships no mergekit.yaml (mergekit cannot say it)."""
+    import optuna
+
+    from optimizer.merge.plan import MergePlan as Plan
+
+    models = tiny("mixtral")
+    config = _moe_config(models, tmp_path, granularity="layer", split_modules=True, experts="each")
+    run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path, check=True)
+    db = tmp_path / "study" / "s.db"
+    trial = optuna.load_study(study_name="moe", storage=f"sqlite:///{db}").trials[1]
+    assert {f"math.L01.mlp.e0{e}.weight" for e in range(4)} <= set(trial.params)
+    assert "math.L01.mlp.weight" in trial.params  # the router, norm (and shared experts) keep the MLP's
+    out = tmp_path / "export"
+    run_cli("export", str(db), "--trial", "1", "--out", str(out), cwd=tmp_path, check=True)
+    assert not (out / "mergekit.yaml").exists()
+    assert "cannot give each expert its own coefficients" in (out / "README.md").read_text()
+    plan = Plan.from_dict(json.loads((out / "mergeopt.json").read_text())["plan"])
+    want = _ours(models, plan)
+    got = load_state_dict(out)
+    for name in ("model.layers.1.block_sparse_moe.experts.3.w2.weight", "model.layers.1.block_sparse_moe.gate.weight"):
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
+
+
+def test_experts_each_on_a_dense_model_is_one_line(tiny, tmp_path: Path) -> None:
+    config = _moe_config(tiny("qwen3"), tmp_path, granularity="layer", experts="each")
+    proc = run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "experts: each needs a mixture-of-experts model" in lines[0], proc.stderr
+    assert not (tmp_path / "study").exists()

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from optimizer.models import TensorInfo, layer_key
+from optimizer.models import TensorInfo, expert_key, layer_key
 
 __all__ = ["MergePlan", "ModelParams", "base_plan", "scopes_for", "specialist_plan"]
 
@@ -31,7 +31,10 @@ def scopes_for(model: str, info: TensorInfo) -> tuple[str, ...]:
     if info.layer is None:
         return (f"{model}.{info.kind}", model)
     lk = layer_key(info.layer)
-    return (f"{model}.{lk}.{info.kind}", f"{model}.{lk}", f"{model}.{info.kind}", model)
+    scopes = (f"{model}.{lk}.{info.kind}", f"{model}.{lk}", f"{model}.{info.kind}", model)
+    if info.expert is not None:  # an expert of a mixture-of-experts layer: L03.mlp.e5 first
+        return (f"{model}.{lk}.{info.kind}.{expert_key(info.expert)}", *scopes)
+    return scopes
 
 
 @dataclass(frozen=True)

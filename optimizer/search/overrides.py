@@ -52,5 +52,7 @@ def with_study_overrides(study: optuna.Study, prepared: Prepared) -> Prepared:
     labels = study_overrides(study)
     if not labels or prepared.config.granularity != "model" or labels == prepared.space.layer_overrides:
         return prepared
-    space = SearchSpace(prepared.config, prepared.space.num_layers, layer_overrides=labels)
+    space = SearchSpace(
+        prepared.config, prepared.space.num_layers, layer_overrides=labels, num_experts=prepared.space.num_experts
+    )
     return replace(prepared, space=space)

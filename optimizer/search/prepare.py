@@ -19,7 +19,7 @@ from optimizer.adapters import base_mismatch_warning
 from optimizer.checkpoints import ModelSet, check_specialist, model_config, read_shapes
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError
-from optimizer.families import family_of
+from optimizer.families import expert_count, family_of
 from optimizer.memory_plan import Machine, MemoryPlan, plan_memory
 from optimizer.models import describe
 from optimizer.search.space import SearchSpace
@@ -68,6 +68,24 @@ def _checked_models(config: StudyConfig) -> tuple[ModelSet, int, tuple[str, ...]
     return models, num_layers, tuple(notes)
 
 
+def searched_experts(config: StudyConfig, models: ModelSet) -> int:
+    """Experts per layer that get coefficients of their own (``experts: each``), else 0."""
+    if config.experts == "joint":
+        return 0
+    base_config = model_config(models.base)
+    count = expert_count(base_config)
+    if not family_of(base_config).experts or not count:
+        raise ConfigError(
+            f"experts: each needs a mixture-of-experts model; the base is a {base_config.get('model_type')!r}"
+            " model without experts: remove the line"
+        )
+    if config.granularity == "model":
+        raise ConfigError(
+            "experts: each gives every expert of every layer its own coefficients; it needs granularity: layer or group"
+        )
+    return count
+
+
 def check_engine(config: StudyConfig) -> None:
     """Refuse engine settings this machine cannot run, before any engine starts."""
     tp = config.vllm.tensor_parallel_size
@@ -94,7 +112,8 @@ def prepare(config: StudyConfig, *, layer_overrides: tuple[str, ...] = ()) -> Pr
     tasks = load_tasks(config)
     if config.search.early_rejection is not None:
         check_stageable(tasks)
-    return Prepared(config, models, tasks, SearchSpace(config, num_layers, layer_overrides), memory, notes)
+    space = SearchSpace(config, num_layers, layer_overrides, num_experts=searched_experts(config, models))
+    return Prepared(config, models, tasks, space, memory, notes)
 
 
 def measured(prepared: Prepared, say: Callable[[str], None] = lambda _: None) -> Prepared:

@@ -14,7 +14,7 @@ import optuna
 
 from optimizer.config import StudyConfig
 from optimizer.merge import MergePlan, ModelParams, get_method
-from optimizer.models import layer_key
+from optimizer.models import expert_key, layer_key
 
 __all__ = ["Group", "SearchSpace"]
 
@@ -39,27 +39,36 @@ def _layer_groups(num_layers: int, size: int) -> list[tuple[str, list[int]]]:
 class SearchSpace:
     """Turns a study config into parameters and a trial into a plan."""
 
-    def __init__(self, config: StudyConfig, num_layers: int, layer_overrides: tuple[str, ...] = ()):
+    def __init__(
+        self, config: StudyConfig, num_layers: int, layer_overrides: tuple[str, ...] = (), num_experts: int = 0
+    ):
         """``layer_overrides``: layers (``L03``, ``embed``, ``head``) that get coefficients of their own
-        in a model-wise space — the conflicting layers of a contribution analysis."""
+        in a model-wise space — the conflicting layers of a contribution analysis. ``num_experts``:
+        experts per layer of a mixture-of-experts model, each its own group with ``experts: each``."""
         self.config = config
         self.models = tuple(config.models)
         self.num_layers = num_layers
+        self.num_experts = num_experts
         self.method = get_method(config.method)
         self.layer_overrides = tuple(layer_overrides) if config.granularity == "model" else ()
-        self.groups = self._groups(config, num_layers) + [Group(label, (label,)) for label in self.layer_overrides]
+        self.groups = self._groups(config, num_layers, num_experts)
+        self.groups += [Group(label, (label,)) for label in self.layer_overrides]
 
     @staticmethod
-    def _groups(config: StudyConfig, num_layers: int) -> list[Group]:
+    def _groups(config: StudyConfig, num_layers: int, num_experts: int) -> list[Group]:
         if config.granularity == "model":
             return [Group("", ("",))]
         size = 1 if config.granularity == "layer" else config.group_size
         kinds = ("attn", "mlp") if config.split_modules else (None,)
+        experts = range(num_experts) if config.experts == "each" else range(0)
         groups: list[Group] = []
         for label, layers in _layer_groups(num_layers, size):
             for kind in kinds:
                 suffix = f".{kind}" if kind else ""
                 groups.append(Group(label + suffix, tuple(layer_key(i) + suffix for i in layers)))
+            for e in experts:  # after the MLP's group: the router, norms and shared experts keep it
+                tail = f".mlp.{expert_key(e)}"
+                groups.append(Group(label + tail, tuple(layer_key(i) + tail for i in layers)))
         # Outside the decoder stack: embeddings and the head (final norm + lm_head).
         groups += [Group("embed", ("embed",)), Group("head", ("head",))]
         return groups
