@@ -152,6 +152,13 @@ def mergekit_gap(method: MergeMethod, family: Family, plan: MergePlan) -> str | 
     """Why mergekit cannot rebuild this merge (None where its YAML does, tensor for tensor)."""
     if method.mergekit is None:
         return f"mergekit has no `{method.name}` method"
+    if method.mergekit in ("della", "della_linear"):
+        eps = float(str(resolved_options(method, plan)["epsilon"]))
+        if any(0 < p.density < 1 and not eps < p.density < 1 - eps for p in plan.params.values()):
+            return (
+                f"mergekit refuses `{method.name}` densities within epsilon ({eps:g}) of 0 or 1, which"
+                " this plan has (mergeopt narrows epsilon there)"
+            )
     if any(_EXPERT_SCOPE.search(scope) for scope in plan.params):
         return "mergekit holds a layer's experts as one tensor, so it cannot give each expert its own coefficients"
     if family.experts and method.uses_density:

@@ -40,7 +40,19 @@ from optimizer.models import TensorInfo
 __all__ = ["plan_to_mergekit", "to_yaml"]
 
 # Our options mergekit also has (same names), with the type its schema validates them as.
-_OPTION_TYPES: dict[str, type] = {"normalize": bool, "rescale": bool, "lambda": float, "gamma": float}
+_OPTION_TYPES: dict[str, type] = {
+    "normalize": bool,
+    "rescale": bool,
+    "lambda": float,
+    "gamma": float,
+    "filter_wise": bool,
+    "select_topk": float,
+    "epsilon": float,
+}
+# mergekit's generalized task arithmetic methods: they read normalize and rescale.
+_GENERALIZED = frozenset(
+    {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+)
 # Options that steer our run but are not merge parameters in mergekit (``seed`` is its
 # ``--random-seed`` flag, and draws from another RNG anyway).
 _NOT_EXPORTED = frozenset({"seed"})
@@ -253,7 +265,7 @@ def _global_parameters(
                 f" {', '.join(_OPTION_TYPES)} can be exported"
             )
         out[key] = _OPTION_TYPES[key](options[key])
-    if mergekit != "linear":
+    if mergekit in _GENERALIZED:
         # Our generalized merge treats an undeclared normalize/rescale as off; mergekit's
         # defaults vary by method (dare_* rescale on), so spell them out.
         out.setdefault("normalize", False)

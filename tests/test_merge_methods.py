@@ -397,3 +397,47 @@ def test_streamed_merge_equals_the_resident_merge(method: str) -> None:
     assert list(streamed) == names
     for n in names:
         assert torch.equal(streamed[n], resident[n]), n
+
+
+def test_model_stock_moves_by_the_angle_between_task_vectors() -> None:
+    """Orthogonal task vectors keep the base (t = 0); identical ones reach their average (t = 1);
+    at 60° two of them go t = 2·½ / (1 + ½) = ⅔ of the way."""
+    from optimizer.merge.model_stock import merge_model_stock
+
+    base = torch.tensor([1.0, 2.0, 3.0])
+    options = {"filter_wise": False}
+    gen = torch.Generator()
+    params = [ModelParams(), ModelParams()]
+    merge = lambda *taus: merge_model_stock("w", base, list(taus), params, options, gen)  # noqa: E731
+    a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    assert torch.allclose(merge(a, b), base)
+    assert torch.allclose(merge(a, a), base + a)
+    c = torch.tensor([0.5, 3**0.5 / 2, 0.0])  # 60° from a
+    assert torch.allclose(merge(a, c), base + (2 / 3) * (a + c) / 2, atol=1e-6)
+
+
+def test_sce_weights_models_by_energy_and_erases_the_minority_sign() -> None:
+    """τ₁ = (1, −1, 2), τ₂ = (3, 1, −2): energies 2 and 14/3 → weights 0.3 and 0.7; the sum
+    (4, 0, 0) elects + everywhere, so entry 2 keeps only τ₂ and entry 3 only τ₁."""
+    from optimizer.merge.sce import merge_sce
+
+    base = torch.zeros(3)
+    taus = [torch.tensor([1.0, -1.0, 2.0]), torch.tensor([3.0, 1.0, -2.0])]
+    got = merge_sce("w", base, taus, [ModelParams(), ModelParams()], {"select_topk": 1.0}, torch.Generator())
+    assert torch.allclose(got, torch.tensor([2.4, 1.0, 2.0]), atol=1e-6)
+
+
+def test_della_keeps_large_entries_more_often_and_is_unbiased() -> None:
+    """Density 0.5, ε 0.3: the smallest entry of a row is kept with p = 0.2, the largest with 0.8,
+    and dividing survivors by p keeps the task vector in expectation."""
+    from optimizer.merge._sparsify import magnitude_sampled
+
+    tau = torch.arange(1.0, 101.0).repeat(2000, 1)  # 2000 rows of 1..100
+    gen = torch.Generator().manual_seed(0)
+    kept = magnitude_sampled(tau, 0.5, 0.3, gen, rescale=True)
+    share = (kept != 0).float().mean(dim=0)
+    assert share[0].item() == pytest.approx(0.2, abs=0.03) and share[-1].item() == pytest.approx(0.8, abs=0.03)
+    assert share.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert torch.allclose(kept.mean(dim=0), tau[0], rtol=0.1)
+    wide = magnitude_sampled(tau, 0.1, 0.3, torch.Generator().manual_seed(0), rescale=True)  # ε capped at 0.1
+    assert torch.isfinite(wide).all() and (wide != 0).float().mean().item() == pytest.approx(0.1, abs=0.01)

@@ -340,3 +340,92 @@ def test_relative_paths_are_written_absolute(tmp_path, monkeypatch):
     config = plan_to_mergekit(MergePlan("ties", MODELS), base_path=Path("base"), model_paths=rel, num_layers=2)
     assert config["base_model"] == str(tmp_path.resolve() / "base")
     assert all(Path(m["model"]).is_absolute() for m in config["models"])
+
+
+@pytest.fixture(scope="module")
+def aligned(llama, tmp_path_factory) -> SimpleNamespace:
+    """Specialists whose task vectors share a direction (independent random ones are orthogonal,
+    where Model Stock just keeps the base): θₘ = θ₀ + ½τ₁ + ½τₘ."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("aligned")
+    shared = llama.deltas
+    paths = {}
+    for i, m in enumerate(MODELS):
+        state = {k: (b + 0.5 * shared[k][0] + 0.5 * shared[k][i]).contiguous() for k, b in llama.base.items()}
+        paths[m] = root / m
+        paths[m].mkdir()
+        save_file(state, str(paths[m] / "model.safetensors"), metadata={"format": "pt"})
+        (paths[m] / "config.json").write_text((llama.tiny.base / "config.json").read_text())
+    tiny = SimpleNamespace(base=llama.tiny.base, specialists=paths, num_layers=llama.tiny.num_layers)
+    deltas = task_vectors(llama.base, [load_state_dict(paths[m]) for m in MODELS])
+    return SimpleNamespace(tiny=tiny, base=llama.base, deltas=deltas)
+
+
+@needs_mergekit
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_matches_mergekit(aligned, tmp_path, filter_wise):
+    """Parameter-free: the plan's weights do not apply, only the angle between task vectors."""
+    plan = MergePlan("model_stock", MODELS, PER_LAYER, {"filter_wise": filter_wise})
+    ours = merge_state_dict(plan, aligned.base, aligned.deltas)
+    _assert_same(ours, _mergekit(plan, aligned.tiny, tmp_path / "out"))
+    _assert_same(
+        ours, merge_state_dict(MergePlan("model_stock", MODELS, {}, plan.options), aligned.base, aligned.deltas)
+    )
+    name = "model.layers.1.mlp.up_proj.weight"
+    moved = (ours[name] - aligned.base[name]).norm() / torch.stack(aligned.deltas[name]).mean(0).norm()
+    assert 0.3 < moved < 0.95  # t: well inside (0, 1), not the base and not the plain average
+
+
+@needs_mergekit
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce_matches_mergekit(aligned, tmp_path, select_topk):
+    """Select (variance), calculate (energy weights), erase (sign): the plan's weights do not apply."""
+    plan = MergePlan("sce", MODELS, PER_LAYER, {"select_topk": select_topk})
+    ours = merge_state_dict(plan, aligned.base, aligned.deltas)
+    _assert_same(ours, _mergekit(plan, aligned.tiny, tmp_path / "out"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert not torch.allclose(ours[name], aligned.base[name])
+    if select_topk < 1:  # entries outside the selected share keep the base
+        untouched = (ours[name] == aligned.base[name]).float().mean().item()
+        assert 0.6 < untouched < 0.8, untouched
+
+
+@needs_mergekit
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_merge_matches_mergekit_in_distribution(llama, tmp_path, method):
+    """Random masks from different RNGs, and survivors rescaled by 1/p (ours, the paper's) or to the
+    L1 norm (mergekit's, which keeps large entries' excess: its linear merge overshoots by ~7 %): the
+    same share kept, the same mass, the same direction."""
+    plan = MergePlan(method, MODELS, MODEL_WISE, {"seed": 0})
+    ours = merge_state_dict(plan, llama.base, llama.deltas)
+    theirs = _mergekit(plan, llama.tiny, tmp_path / "out")
+    undropped = {m: ModelParams(p.weight, 1.0) for m, p in MODEL_WISE.items()}
+    reference = merge_state_dict(MergePlan(method, MODELS, undropped), llama.base, llama.deltas)
+
+    def flat(state):
+        return torch.cat([(state[n] - llama.base[n]).flatten() for n in llama.base if n.endswith("proj.weight")])
+
+    ref, a, b = flat(reference), flat(ours), flat(theirs)
+    assert not torch.equal(a, b)
+    assert (a == 0).float().mean().item() == pytest.approx((b == 0).float().mean().item(), abs=0.01)
+    assert a.abs().mean().item() == pytest.approx(b.abs().mean().item(), rel=0.05)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(a, ref, dim=0).item() == pytest.approx(cos(b, ref, dim=0).item(), abs=0.03)  # same direction
+    if method == "della_linear":  # ours is unbiased: E[merged delta] is task arithmetic
+        assert (a @ ref / (ref @ ref)).item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_della_densities_mergekit_refuses_ship_no_yaml():
+    """mergekit raises on a density within epsilon of 0 or 1; such an export says so instead."""
+    from optimizer.export import mergekit_gap
+    from optimizer.families import LLAMA
+    from optimizer.merge import get_method
+
+    della = get_method("della")
+    fine = MergePlan("della", MODELS, MODEL_WISE)
+    near_zero = MergePlan("della", MODELS, {**MODEL_WISE, "math.L01": ModelParams(1.0, 0.1)})
+    assert mergekit_gap(della, LLAMA, fine) is None
+    assert "within epsilon (0.15) of 0 or 1" in (mergekit_gap(della, LLAMA, near_zero) or "")
+    narrow = MergePlan("della", MODELS, near_zero.params, {"epsilon": 0.05})
+    assert mergekit_gap(della, LLAMA, narrow) is None

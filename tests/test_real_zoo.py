@@ -150,7 +150,7 @@ def test_a_chat_search_on_the_real_zoo_survives_a_kill(real_study) -> None:
     after = {t.number: t.values for t in complete}
     assert len(before) >= 3 and all(after[n] == v for n, v in before.items()), "a completed trial changed"
     labels = {t.user_attrs.get("baseline") for t in complete} - {None}
-    assert "ties_defaults" in labels and len(labels) == 8  # every baseline once, TIES among them
+    assert "ties_defaults" in labels and len(labels) == 9  # every baseline once, TIES among them
     assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
     searched = [t for t in complete if "baseline" not in t.user_attrs]
     assert searched and all(len(t.params) == 3 * 32 for t in searched)  # 30 layers + embed + head, per model

@@ -43,7 +43,7 @@ from tests._sqlite_writes import count_write_transactions
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-N_BASELINES = 5 + len(zoo_tasks())  # base, uniform average, TA 1.0 / 0.5, TIES, each specialist
+N_BASELINES = 6 + len(zoo_tasks())  # base, uniform average, TA 1.0 / 0.5, TIES, each specialist, Model Stock
 
 
 def _spawn(cwd: Path, log: str, *args: str, nice: int = 0) -> subprocess.Popen:

@@ -9,10 +9,13 @@ from __future__ import annotations
 from optimizer.merge import (  # noqa: F401  (registration)
     breadcrumbs,
     dare,
+    della,
     hi_merging,
     hila,
     linear,
+    model_stock,
     regmean,
+    sce,
     task_arithmetic,
     ties,
     widen,

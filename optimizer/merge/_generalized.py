@@ -39,6 +39,7 @@ class Sparsification(str, Enum):
     MAGNITUDE = "magnitude"  # TIES trim: top-k by |τ|
     RANDOM = "random"  # DARE: Bernoulli(density) keep, optional 1/density rescale
     BREADCRUMBS = "breadcrumbs"  # drop the largest gamma and the smallest entries
+    DELLA = "della"  # keep with a probability that grows with the entry's magnitude rank
 
 
 class Consensus(str, Enum):
@@ -53,8 +54,9 @@ class GeneralizedMerge:
     """A :data:`~optimizer.merge._registry.MergeFn` for one (sparsification, consensus) pair.
 
     Options read: ``normalize`` (divide by the summed weights), ``lambda`` (final scale),
-    ``rescale`` (DARE: ×1/density; magnitude/breadcrumbs: L1-norm match, as mergekit) and
-    ``gamma`` (breadcrumbs' outlier fraction).
+    ``rescale`` (DARE: ×1/density; DELLA: ×1/p per entry; magnitude/breadcrumbs: L1-norm match, as
+    mergekit), ``gamma`` (breadcrumbs' outlier fraction) and ``epsilon`` (DELLA's spread of keep
+    probabilities around the density).
     """
 
     sparsification: Sparsification
@@ -76,10 +78,11 @@ class GeneralizedMerge:
         work = work_dtype(base)
         rescale = bool(options.get("rescale", False))
         gamma = number_option(options, "gamma", 0.01, "breadcrumbs")
+        epsilon = number_option(options, "epsilon", 0.15, "della")
         model_gens = self._model_generators(generator, len(deltas))
 
         thinned = [
-            self._sparsify(tau.to(work), p.density, rescale, gamma, gen)
+            self._sparsify(tau.to(work), p.density, rescale, gamma, epsilon, gen)
             for tau, p, gen in zip(deltas, params, model_gens, strict=True)
         ]
         # Few, in-place ops: on small tensors a merge costs per op, not per byte (39 tensors × 3
@@ -118,7 +121,7 @@ class GeneralizedMerge:
         function of (plan seed, tensor, m) alone: changing another model's density or weight,
         or skipping a draw at density 1, does not reshuffle it.
         """
-        if self.sparsification is not Sparsification.RANDOM:
+        if self.sparsification not in (Sparsification.RANDOM, Sparsification.DELLA):
             return [None] * n
         seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device)
         gens: list[torch.Generator | None] = []
@@ -134,6 +137,7 @@ class GeneralizedMerge:
         density: float,
         rescale: bool,
         gamma: float,
+        epsilon: float,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         kind = self.sparsification
@@ -141,10 +145,12 @@ class GeneralizedMerge:
             return tau
         if kind is Sparsification.MAGNITUDE:
             return _sparsify.magnitude(tau, density, rescale=rescale)
+        if kind is Sparsification.BREADCRUMBS:
+            return _sparsify.breadcrumbs(tau, density, gamma, rescale=rescale)
+        assert generator is not None  # set by _model_generators for the random kinds
         if kind is Sparsification.RANDOM:
-            assert generator is not None  # set by _model_generators for RANDOM
             return _sparsify.random_drop(tau, density, generator, rescale=rescale)
-        return _sparsify.breadcrumbs(tau, density, gamma, rescale=rescale)
+        return _sparsify.magnitude_sampled(tau, density, epsilon, generator, rescale=rescale)
 
 
 def generalized_method(
@@ -156,6 +162,7 @@ def generalized_method(
     options: Mapping[str, float | int | bool],
     default_density: float = 1.0,
     mergekit: str | None = None,
+    searchable: Mapping[str, tuple[float, float, bool]] | None = None,
 ) -> MergeMethod:
     """The registry record for one composition; density is searched whenever entries are pruned."""
     return MergeMethod(
@@ -166,4 +173,5 @@ def generalized_method(
         default_density=default_density,
         options=dict(options),
         mergekit=mergekit,
+        searchable=dict(searchable or {}),
     )

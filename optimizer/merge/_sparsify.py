@@ -9,6 +9,8 @@ open (mergekit is our parity reference, see ``tests/test_mergekit_parity.py``):
   1/density so the task vector is unchanged in expectation (DARE, Yu et al., ICML 2024).
 - :func:`breadcrumbs` — drop the largest ``gamma`` fraction (outliers) *and* the smallest entries,
   keeping ``density`` of them in between (Model Breadcrumbs, Davari & Belilovsky, ECCV 2024).
+- :func:`magnitude_sampled` — keep each entry with a probability that grows with its magnitude rank
+  in its row, from density − ε to density + ε, survivors × 1/p (DELLA's MagPrune, Deep et al., 2024).
 
 All functions take and return one tensor of any shape (1-D norms included); ``density >= 1`` returns
 the input unchanged and ``density <= 0`` returns zeros, so the search may touch both bounds.
@@ -18,7 +20,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["breadcrumbs", "keep_mask", "l1_rescale", "magnitude", "random_drop", "top_k_indices", "top_k_mask"]
+__all__ = [
+    "breadcrumbs",
+    "keep_mask",
+    "l1_rescale",
+    "magnitude",
+    "magnitude_sampled",
+    "random_drop",
+    "top_k_indices",
+    "top_k_mask",
+]
 
 
 def l1_rescale(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -191,6 +202,35 @@ def random_drop(
     else:  # the draws stay on the generator's device: ship 1-byte bools, not 4-byte floats
         kept = delta * (u < density).to(delta.device).to(delta.dtype)
     return kept / density if rescale else kept
+
+
+def magnitude_sampled(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, *, rescale: bool = True
+) -> torch.Tensor:
+    """DELLA's MagPrune: keep entry i with probability pᵢ = (d − ε) + 2ε·rᵢ, survivors × 1/pᵢ.
+
+    rᵢ ∈ [0, 1] is the entry's magnitude rank within its row (the first dimension's rows of a
+    matrix; a vector is one row), so large entries are kept more often and each kept one is scaled
+    so the task vector is unchanged in expectation (the paper's rescale; mergekit's ``della``
+    matches the L1 norm instead). ε is capped at min(d, 1 − d) so every pᵢ is a probability
+    (mergekit refuses those densities).
+    """
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
+    eps = min(epsilon, density, 1 - density)
+    width = rows.shape[1]
+    if width > 1:
+        rank = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32) / (width - 1)
+    else:
+        rank = torch.full(rows.shape, 0.5, device=rows.device)
+    probs = (density - eps) + 2 * eps * rank
+    u = torch.rand(rows.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    keep = u.to(rows.device) < probs
+    kept = torch.where(keep, rows / probs.to(rows.dtype) if rescale else rows, torch.zeros_like(rows))
+    return kept.reshape(delta.shape)
 
 
 def breadcrumbs(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:

@@ -34,4 +34,8 @@ def baseline_plans(models: Sequence[str]) -> dict[str, MergePlan]:
         plans["ties_defaults"] = MergePlan("ties", models, _uniform(models, 1.0, density=0.2))
     for m in models:
         plans[f"specialist:{m}"] = specialist_plan(models, m)
+    if len(models) >= 2 and "model_stock" in method_names():
+        # Parameter-free (it reads the angle between the task vectors): last, so the earlier
+        # baselines keep their trial numbers in studies made before it existed.
+        plans["model_stock"] = MergePlan("model_stock", models, {})
     return plans
