@@ -72,6 +72,21 @@ def _data(root: Path) -> Path:
     return data
 
 
+def _study_config(models, tmp_path: Path, **extra: object) -> dict:
+    """A small CLI study on tiny ``models`` (transformers engine, one NLL objective, 2 trials)."""
+    return {
+        "name": "moe",
+        "base": str(models.base),
+        "models": {m: str(p) for m, p in models.specialists.items()},
+        "method": "task_arithmetic",
+        "objectives": [{"name": "x", "data": str(_data(tmp_path)), "metric": "nll", "limit": 4}],
+        "storage": f"sqlite:///{tmp_path / 'study' / 's.db'}",
+        "engine": "hf",
+        "search": {"trials": 2, "seed": 0, "baselines": False},
+        **extra,
+    }
+
+
 def _placed(tiny_models) -> dict[str, object]:
     family = family_of(model_config(tiny_models.base))
     return {name: describe(name, family) for name in read_shapes(tiny_models.base)}
@@ -177,15 +192,7 @@ def test_an_unknown_tensor_is_one_line_naming_it_and_the_families(tiny, tmp_path
     state["model.layers.1.adapter_gate.weight"] = torch.zeros(4)
     save_file(state, str(odd / "model.safetensors"))
     db = tmp_path / "study" / "s.db"
-    config = {
-        "name": "odd",
-        "base": str(odd),
-        "models": {m: str(p) for m, p in models.specialists.items()},
-        "method": "task_arithmetic",
-        "objectives": [{"name": "x", "data": str(_data(tmp_path)), "metric": "nll", "limit": 4}],
-        "storage": f"sqlite:///{db}",
-        "engine": "hf",
-    }
+    config = {**_study_config(models, tmp_path), "base": str(odd)}
     proc = run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
@@ -244,19 +251,8 @@ def test_a_mixture_of_experts_ties_study_exports_and_says_why_mergekit_cannot_re
     stacked = "model.layers.1.mlp.experts.gate_up_proj"
     assert not torch.allclose(ours[stacked], theirs[stacked], atol=1e-3)
 
-    data = _data(tmp_path)
     db = tmp_path / "study" / "s.db"
-    config = {
-        "name": "moe",
-        "base": str(models.base),
-        "models": {m: str(p) for m, p in models.specialists.items()},
-        "method": "ties",
-        "granularity": "layer",
-        "objectives": [{"name": "x", "data": str(data), "metric": "nll", "limit": 4}],
-        "storage": f"sqlite:///{db}",
-        "engine": "hf",
-        "search": {"trials": 2, "seed": 0, "baselines": False},  # trial 1: a searched TIES plan
-    }
+    config = _study_config(models, tmp_path, method="ties", granularity="layer")  # trial 1: a searched TIES plan
     run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path, check=True)
     out = tmp_path / "export"
     run_cli("export", str(db), "--trial", "1", "--out", str(out), cwd=tmp_path, check=True)
@@ -422,14 +418,7 @@ def test_a_specialist_that_added_tokens_is_one_line_naming_them(tiny, tmp_path: 
     tokenizer.add_tokens(["<|tool|>", "<|think|>"])  # rows 259 and 260: inside the base's padding
     tokenizer.save_pretrained(str(chat))
     db = tmp_path / "study" / "s.db"
-    config = {
-        "name": "added",
-        "base": str(models.base),
-        "models": {"math": str(models.specialists["math"]), "chat": str(chat)},
-        "objectives": [{"name": "x", "data": str(_data(tmp_path)), "metric": "nll", "limit": 4}],
-        "storage": f"sqlite:///{db}",
-        "engine": "hf",
-    }
+    config = {**_study_config(models, tmp_path), "models": {"math": str(models.specialists["math"]), "chat": str(chat)}}
     proc = run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
@@ -454,20 +443,6 @@ def test_an_experts_scope_steers_that_expert_alone(tiny) -> None:
     torch.testing.assert_close(apart[name], want, atol=1e-6, rtol=0)
 
 
-def _moe_config(models, tmp_path: Path, **extra: object) -> dict:
-    return {
-        "name": "moe",
-        "base": str(models.base),
-        "models": {m: str(p) for m, p in models.specialists.items()},
-        "method": "task_arithmetic",
-        "objectives": [{"name": "x", "data": str(_data(tmp_path)), "metric": "nll", "limit": 4}],
-        "storage": f"sqlite:///{tmp_path / 'study' / 's.db'}",
-        "engine": "hf",
-        "search": {"trials": 2, "seed": 0, "baselines": False},
-        **extra,
-    }
-
-
 def test_a_study_can_search_each_expert_apart_and_export_it(tiny, tmp_path: Path) -> None:
     """``experts: each``: every expert of every layer is a parameter; the export merges what the
     trial's plan says, expert by expert, and ships no mergekit.yaml (mergekit cannot say it)."""
@@ -476,7 +451,7 @@ def test_a_study_can_search_each_expert_apart_and_export_it(tiny, tmp_path: Path
     from optimizer.merge.plan import MergePlan as Plan
 
     models = tiny("mixtral")
-    config = _moe_config(models, tmp_path, granularity="layer", split_modules=True, experts="each")
+    config = _study_config(models, tmp_path, granularity="layer", split_modules=True, experts="each")
     run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path, check=True)
     db = tmp_path / "study" / "s.db"
     trial = optuna.load_study(study_name="moe", storage=f"sqlite:///{db}").trials[1]
@@ -494,7 +469,7 @@ def test_a_study_can_search_each_expert_apart_and_export_it(tiny, tmp_path: Path
 
 
 def test_experts_each_on_a_dense_model_is_one_line(tiny, tmp_path: Path) -> None:
-    config = _moe_config(tiny("qwen3"), tmp_path, granularity="layer", experts="each")
+    config = _study_config(tiny("qwen3"), tmp_path, granularity="layer", experts="each")
     proc = run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
