@@ -59,7 +59,7 @@ def ones(n: int) -> list[ModelParams]:
 def test_widen_is_registered_with_paper_defaults():
     m = get_method("widen")
     assert m is WIDEN and m.mergekit is None and m.uses_weight and not m.uses_density
-    assert m.options == {"t": 1.0, "s": 1.0, "temperature": 1.0, "calibrate": True}
+    assert m.options == {"t": 1.0, "s": 1.0, "temperature": 1.0, "calibrate": True, "per_token_embeddings": True}
 
 
 def test_fractional_rank_averages_ties():
@@ -153,6 +153,22 @@ def test_widen_low_temperature_gives_each_column_to_the_model_that_changed_it():
     out = widen(base, [tau_a, tau_b], temperature=1e-3, calibrate=False)
     assert torch.allclose(out[:, 0], base[:, 0] + tau_a[:, 0], atol=1e-5)
     assert torch.allclose(out[:, 1], base[:, 1] + tau_b[:, 1], atol=1e-5)
+
+
+def test_widen_weighs_the_token_embedding_per_token_as_its_authors_do():
+    """An embedding (tokens × hidden) where A remade token 0 and B token 1: each keeps its token's
+    row. Per hidden dimension (the option off) every row is a mix of both models."""
+    base, tau_a, tau_b = (t.T.contiguous() for t in _owned_columns())  # 3 tokens × 6 dims
+    params = [ModelParams(1.0)] * 2
+
+    def embed(per_token: bool) -> torch.Tensor:
+        options = {**WIDEN.options, "temperature": 1e-3, "calibrate": False, "per_token_embeddings": per_token}
+        return merge_widen("model.embed_tokens.weight", base, [tau_a, tau_b], params, options, GEN)
+
+    out = embed(True)
+    assert torch.allclose(out[0], base[0] + tau_a[0], atol=1e-5)
+    assert torch.allclose(out[1], base[1] + tau_b[1], atol=1e-5)
+    assert not torch.allclose(embed(False)[0], base[0] + tau_a[0], atol=1e-2)
 
 
 def test_widen_high_temperature_is_plain_average():

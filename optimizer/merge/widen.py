@@ -32,9 +32,11 @@ Choices beyond the paper, each for a reason:
 * ``calibrate: false`` switches step 4 off (then the weights of each column sum to 1), so the
   search can compare both; ``temperature`` lets it sharpen (→ 0: winner takes the column) or flatten
   (→ ∞: plain average) the softmax.
-* The column axis is the input axis for every 2-D tensor, the embedding included. The authors
-  transpose ``embed_tokens`` to weigh per token instead (issue 22 makes that the default; the
-  merge function receives the tensor's name, so it can).
+* The column axis is the input axis of every 2-D weight but the token embedding, which the
+  authors' code (``merging_methods.py`` in their MergeLLM repository) transposes so that its
+  columns are tokens: a model that moved some tokens' rows a lot (a continually pre-trained
+  language's tokens, WIDEN's own use case) keeps them, instead of each hidden dimension being
+  shared. ``per_token_embeddings: false`` weighs the embedding per hidden dimension instead.
 """
 
 from __future__ import annotations
@@ -151,12 +153,16 @@ def merge_widen(
     work = work_dtype(base)
     b = base.to(work)
     taus = [tau.to(work) for tau in deltas]
+    # The token embedding (vocab, hidden) is weighed per token: its transpose's columns are tokens.
+    per_token = base.dim() == 2 and name.endswith("embed_tokens.weight") and bool(options["per_token_embeddings"])
+    if per_token:
+        b, taus = b.T, [tau.T for tau in taus]
     weights = widen_weights(b, taus, options)  # (M, in) or (M, *shape)
     merged = b.clone()
     for w, tau, p in zip(weights, taus, params, strict=True):
         # A 2-D weight's (in,) column weights broadcast over the rows.
         merged.add_(tau * w, alpha=p.weight)
-    return merged.to(base.dtype)
+    return (merged.T if per_token else merged).to(base.dtype)
 
 
 WIDEN = register(
@@ -164,7 +170,7 @@ WIDEN = register(
         name="widen",
         merge=merge_widen,
         summary="per-column weights from magnitude/direction change ranks (Yu et al., 2024)",
-        options={"t": 1.0, "s": 1.0, "temperature": 1.0, "calibrate": True},
+        options={"t": 1.0, "s": 1.0, "temperature": 1.0, "calibrate": True, "per_token_embeddings": True},
         mergekit=None,
         # The paper's calibration knobs; t ≥ 2 switches calibration off for 2-D weights.
         searchable={"t": (0.5, 2.5, False), "s": (0.5, 2.0, False)},
