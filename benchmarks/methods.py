@@ -15,7 +15,7 @@ engine start. For each method:
 Normalized gain per task is (merged − base) / (specialist − base) on held-out data; RegMean's
 Grams and HILA's golden data and importances are measured once, beside the work folder.
 
-    .venv/bin/python benchmarks/methods.py [--trials 24] [--engine vllm|hf] [--quick]
+    .venv/bin/python benchmarks/methods.py [--trials 24] [--engine vllm|hf] [--quick] [--methods a,b] [--out F]
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=128, help="held-out examples per task")
     parser.add_argument("--methods", default=",".join((*METHODS, "hi_merging")))
     parser.add_argument("--quick", action="store_true", help="4 trials, 8 search examples: a smoke run")
+    parser.add_argument("--out", default=None, help="results file name (default methods.json, methods-quick.json)")
     args = parser.parse_args()
     if args.quick:
         args.trials, args.limit, args.held_out = 4, 8, 32
@@ -195,7 +196,7 @@ def main() -> None:
         "methods": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("methods-quick.json" if args.quick else "methods.json")
+    path = RESULTS / (args.out or ("methods-quick.json" if args.quick else "methods.json"))
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
 
