@@ -38,7 +38,7 @@ from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
 from optimizer.merge import MergePlan, ModelParams, get_method  # noqa: E402
 from optimizer.search.baselines import baseline_plans  # noqa: E402
-from optimizer.search.prepare import prepare  # noqa: E402
+from optimizer.search.prepare import measured, prepare  # noqa: E402
 from optimizer.search.study import make_sampler  # noqa: E402
 from optimizer.search.trials import run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
         for m in methods
     }
     t0 = time.perf_counter()
-    prepared = {m: prepare(cfg, say=print) for m, cfg in cfgs.items()}  # measures Grams / importances once
+    prepared = {m: measured(prepare(cfg), say=print) for m, cfg in cfgs.items()}  # Grams / importances, once
     measure_s = time.perf_counter() - t0
     first = prepared[methods[0]]
     models = first.models
