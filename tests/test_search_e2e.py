@@ -113,7 +113,7 @@ def test_kill_mid_trial_then_resume(zoo, tmp_path: Path) -> None:
     assert retried and retried[0].state == TrialState.COMPLETE, "the killed trial was not retried"
     # Each baseline ran exactly once, whatever was interrupted.
     labels = [t.user_attrs["baseline"] for t in complete if "baseline" in t.user_attrs]
-    assert len(labels) == len(set(labels)) == 8
+    assert len(labels) == len(set(labels)) == 9  # base, average, TA ×2, TIES, 3 specialists, Model Stock
 
 
 def test_pareto_front_equals_best_trials(finished_study) -> None:
