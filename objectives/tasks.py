@@ -101,7 +101,10 @@ def score_tasks(engine: Engine, tasks: Sequence[AnyTask], split: str = "search")
 def _score(engine: Engine, jobs: Sequence[tuple[AnyTask, Sequence[int] | None]], split: str) -> list[MetricResult]:
     """Each (task, item indices of ``split`` — None: all of it), every job sharing the engine's calls."""
     mine = [(i, t, idx) for i, (t, idx) in enumerate(jobs) if isinstance(t, Task)]
-    rows = [t.examples(split) if idx is None else [t.examples(split)[j] for j in idx] for _, t, idx in mine]
+    rows = []
+    for _, t, idx in mine:
+        examples = t.examples(split)
+        rows.append(examples if idx is None else [examples[j] for j in idx])
     scores = score_together(engine, [(t.metric, r) for (_, t, _), r in zip(mine, rows, strict=True)]) if mine else []
     out = dict(zip((i for i, _, _ in mine), scores, strict=True))
     rest = [(i, t, idx) for i, (t, idx) in enumerate(jobs) if not isinstance(t, Task)]

@@ -11,7 +11,6 @@ failed export leaves nothing that looks like a model.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,8 +37,9 @@ from optimizer.errors import ConfigError, MergeoptError
 from optimizer.families import Family, family_of
 from optimizer.low_rank import Delta
 from optimizer.merge import MergePlan, get_method
-from optimizer.merge._registry import MergeMethod
+from optimizer.merge._registry import MergeMethod, number_option
 from optimizer.merge.apply import merge_tensor, resolved_options
+from optimizer.merge.plan import is_expert_scope
 from optimizer.merge.study_data import bind
 from optimizer.model_card import model_card
 from optimizer.search import attrs
@@ -145,21 +145,18 @@ def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None 
     return TensorStream({name: shapes[name] for name in base.names()}, tensors())
 
 
-_EXPERT_SCOPE = re.compile(r"\.mlp\.e\d+$")
-
-
 def mergekit_gap(method: MergeMethod, family: Family, plan: MergePlan) -> str | None:
     """Why mergekit cannot rebuild this merge (None where its YAML does, tensor for tensor)."""
     if method.mergekit is None:
         return f"mergekit has no `{method.name}` method"
     if method.mergekit in ("della", "della_linear"):
-        eps = float(str(resolved_options(method, plan)["epsilon"]))
+        eps = number_option(resolved_options(method, plan), "epsilon", 0.15, method.name)
         if any(0 < p.density < 1 and not eps < p.density < 1 - eps for p in plan.params.values()):
             return (
                 f"mergekit refuses `{method.name}` densities within epsilon ({eps:g}) of 0 or 1, which"
                 " this plan has (mergeopt narrows epsilon there)"
             )
-    if any(_EXPERT_SCOPE.search(scope) for scope in plan.params):
+    if any(is_expert_scope(scope) for scope in plan.params):
         return "mergekit holds a layer's experts as one tensor, so it cannot give each expert its own coefficients"
     if family.experts and method.uses_density:
         return (

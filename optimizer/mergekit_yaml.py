@@ -34,7 +34,7 @@ from optimizer.errors import ConfigError
 from optimizer.families import LLAMA, Family
 from optimizer.merge import get_method, method_names
 from optimizer.merge.apply import resolved_options
-from optimizer.merge.plan import MergePlan, ModelParams, scopes_for
+from optimizer.merge.plan import MergePlan, ModelParams, is_expert_scope, scopes_for
 from optimizer.models import TensorInfo
 
 __all__ = ["plan_to_mergekit", "to_yaml"]
@@ -164,7 +164,7 @@ def _check_scopes(plan: MergePlan, num_layers: int) -> None:
     # A scope past the last layer would silently fall back to a coarser value in the YAML, and so
     # would an expert's own (mergekit holds a layer's experts as one tensor).
     for scope in plan.params:
-        if re.search(r"\.mlp\.e\d+$", scope):
+        if is_expert_scope(scope):
             raise ConfigError(
                 f"plan scope {scope!r} gives one expert its own coefficients; mergekit holds a layer's"
                 " experts as one tensor and cannot express it (export the model with mergeopt instead)"

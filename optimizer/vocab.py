@@ -11,6 +11,7 @@ is different: its new rows have no counterpart in the base, and is refused by na
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -26,13 +27,22 @@ def is_vocab_tensor(name: str) -> bool:
 
 
 def _vocab(model_dir: Path) -> dict[str, int] | None:
+    """Token → id of ``model_dir``'s tokenizer.json, or None without one."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         return None
+    stat = path.stat()
+    return _read_vocab(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_vocab(path: str, mtime_ns: int, size: int) -> dict[str, int]:
+    # Keyed by the file's identity and version: checking N specialists against the base (and the
+    # export again) parses the base's tokenizer once, and a changed file is read afresh.
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+        return Tokenizer.from_file(path).get_vocab(with_added_tokens=True)
     except Exception as exc:  # the tokenizers library raises its own exception types
         raise ModelError(f"{path}: not a readable tokenizer.json ({exc})") from None
 

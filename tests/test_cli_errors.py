@@ -121,6 +121,10 @@ CASES = {
         lambda tmp, zoo: {"engine": "vllm", "vllm": {"cpu_kv_cache_gib": 100000}},
         ["memory: this study needs", "of host memory", "a smaller vllm.cpu_kv_cache_gib"],
     ),
+    "a method with nothing to search": (
+        lambda tmp, zoo: {"method": "model_stock"},
+        ["'model_stock' has nothing to search", "baseline"],
+    ),
     "unreachable storage server": (
         lambda tmp, zoo: {"storage": f"postgresql://u:secret@127.0.0.1:{free_port()}/db"},
         ["cannot reach the postgresql server at 127.0.0.1:", "start it", "u:***@"],

@@ -12,7 +12,7 @@ merged tensor into its slice; every parameter must be covered, or the engine ref
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -42,12 +42,10 @@ def _expert_view(params: Mapping[str, torch.Tensor], name: str) -> tuple[str, to
     return None
 
 
-def live_views(
-    model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], owned: Iterable[str]
-) -> dict[str, torch.Tensor]:
+def live_views(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name → the live tensor (a parameter or a view of one) it is written into.
 
-    ``shapes`` are the checkpoint's tensors; ``owned`` the model's parameter names. A checkpoint
+    ``shapes`` are the checkpoint's tensors. A checkpoint
     tensor with no parameter of its own is left out when the model ties it to another (the LM head
     of a tied model); a parameter that no checkpoint tensor fills, or a shape that differs, is an
     error naming the tensor: the merge would otherwise leave it unmerged without a word.
@@ -74,7 +72,7 @@ def live_views(
             )
         views[name] = view
         covered.add(target)
-    missing = [p for p in owned if p not in covered]
+    missing = [p for p in params if p not in covered]
     if missing:
         raise ModelError(
             f"transformers' model has parameter {missing[0]!r} that no checkpoint tensor fills"

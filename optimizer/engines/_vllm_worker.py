@@ -58,7 +58,7 @@ class MergeWorkerExtension:
         # tensors; that is expected for a merge, and would otherwise print once per trial.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         model = self.model_runner.get_model()  # type: ignore[attr-defined]  # vLLM's worker provides it
-        _check_cpu_experts(model)
+        self.mergeopt_cpu_experts = _check_cpu_experts(model)  # packed again after each merge
         param = next(model.parameters())
         dtype = torch.float32 if param.dtype == torch.float32 else param.dtype
         # One specialist at a time, turned into its task vector at once: the load never holds more
@@ -111,7 +111,7 @@ class MergeWorkerExtension:
         runner = self.model_runner  # type: ignore[attr-defined]  # vLLM's worker provides it
         runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         _retie_head(runner.get_model(), runner.model_config.hf_config)
-        _repack_cpu_experts(runner.get_model())
+        _repack_cpu_experts(self.mergeopt_cpu_experts)
         return {"seconds": time.perf_counter() - t0, "finite": float(finite)}
 
 
@@ -178,18 +178,20 @@ def _cpu_experts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
     return found
 
 
-def _check_cpu_experts(model: torch.nn.Module) -> None:
-    """Refuse, at load, the CPU expert layouts :func:`_repack_cpu_experts` cannot restore."""
-    for _, experts in _cpu_experts(model):
+def _check_cpu_experts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+    """The model's CPU expert layers; refuses, at load, the layouts :func:`_repack_cpu_experts` cannot restore."""
+    found = _cpu_experts(model)
+    for _, experts in found:
         config = experts.moe_config
         if experts._padded_intermediate_size(config) != config.intermediate_size_per_partition:
             raise ModelError(
                 f"vLLM's CPU build pads this model's expert width ({config.intermediate_size_per_partition})"
                 " for its kernel, which mergeopt cannot redo after an in-place merge; use engine: hf on CPU"
             )
+    return found
 
 
-def _repack_cpu_experts(model: torch.nn.Module) -> None:
+def _repack_cpu_experts(layers: list[tuple[torch.nn.Module, Any]]) -> None:
     """Pack mixture-of-experts weights for vLLM's CPU kernel again after an in-place reload.
 
     The CPU build packs expert weights into its grouped-GEMM layout once, after loading. On a
@@ -199,5 +201,5 @@ def _repack_cpu_experts(model: torch.nn.Module) -> None:
     post-load step again packs them (tests/test_families.py: in-place merges then equal the
     transformers engine's). Layers that need padding are refused at load instead.
     """
-    for module, experts in _cpu_experts(model):
+    for module, experts in layers:
         experts.process_weights_after_loading(module)

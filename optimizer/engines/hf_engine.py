@@ -59,8 +59,7 @@ class HFEngine(Engine):
         # Tied weights appear once in named_parameters; merging only those keeps a tied head
         # governed by the embedding's coefficients instead of being written twice. Experts of a
         # mixture-of-experts layer are slices of fused parameters in memory (see _hf_params).
-        owned = [name for name, _ in self.model.named_parameters()]
-        self._params = live_views(self.model, read_shapes(models.base), owned)
+        self._params = live_views(self.model, read_shapes(models.base))
         self._family = family_of(model_config(models.base))
         self.placement: Placement = placement
         self._base, self._deltas = load_for_merging(

@@ -10,12 +10,13 @@ that exists, so a model-wise plan and a per-layer, per-module plan are the same 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from optimizer.models import TensorInfo, expert_key, layer_key
 
-__all__ = ["MergePlan", "ModelParams", "base_plan", "scopes_for", "specialist_plan"]
+__all__ = ["MergePlan", "ModelParams", "base_plan", "is_expert_scope", "scopes_for", "specialist_plan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,14 @@ class ModelParams:
 
     weight: float = 1.0
     density: float = 1.0
+
+
+_EXPERT_SCOPE = re.compile(r"\.mlp\.e\d+$")
+
+
+def is_expert_scope(scope: str) -> bool:
+    """Whether ``scope`` gives one expert of a mixture-of-experts layer its own params (``m.L03.mlp.e05``)."""
+    return _EXPERT_SCOPE.search(scope) is not None
 
 
 def scopes_for(model: str, info: TensorInfo) -> tuple[str, ...]:

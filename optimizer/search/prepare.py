@@ -113,6 +113,13 @@ def prepare(config: StudyConfig, *, layer_overrides: tuple[str, ...] = ()) -> Pr
     if config.search.early_rejection is not None:
         check_stageable(tasks)
     space = SearchSpace(config, num_layers, layer_overrides, num_experts=searched_experts(config, models))
+    if not space.distributions():
+        # Every trial would build the same model (Model Stock; SCE with select_topk fixed).
+        raise ConfigError(
+            f"method {config.method!r} has nothing to search here (no per-model coefficients and no searchable"
+            " option left); every study with 2+ specialists already runs model_stock as a baseline: choose"
+            " another method, or a search_options range"
+        )
     return Prepared(config, models, tasks, space, memory, notes)
 
 

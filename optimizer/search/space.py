@@ -44,7 +44,7 @@ class SearchSpace:
     ):
         """``layer_overrides``: layers (``L03``, ``embed``, ``head``) that get coefficients of their own
         in a model-wise space — the conflicting layers of a contribution analysis. ``num_experts``:
-        experts per layer of a mixture-of-experts model, each its own group with ``experts: each``."""
+        experts per layer searched apart (``experts: each``; 0 when a layer's experts share the MLP's)."""
         self.config = config
         self.models = tuple(config.models)
         self.num_layers = num_layers
@@ -60,13 +60,12 @@ class SearchSpace:
             return [Group("", ("",))]
         size = 1 if config.granularity == "layer" else config.group_size
         kinds = ("attn", "mlp") if config.split_modules else (None,)
-        experts = range(num_experts) if config.experts == "each" else range(0)
         groups: list[Group] = []
         for label, layers in _layer_groups(num_layers, size):
             for kind in kinds:
                 suffix = f".{kind}" if kind else ""
                 groups.append(Group(label + suffix, tuple(layer_key(i) + suffix for i in layers)))
-            for e in experts:  # after the MLP's group: the router, norms and shared experts keep it
+            for e in range(num_experts):  # after the MLP's group: the router, norms and shared experts keep it
                 tail = f".mlp.{expert_key(e)}"
                 groups.append(Group(label + tail, tuple(layer_key(i) + tail for i in layers)))
         # Outside the decoder stack: embeddings and the head (final norm + lm_head).
