@@ -88,6 +88,12 @@ def _gain(scores: dict[str, float], base: dict[str, float], spec: dict[str, floa
     return out
 
 
+def _searchable(method: str) -> bool:
+    """Whether a study of ``method`` has anything to search (per-model coefficients or options)."""
+    record = get_method(method)
+    return record.uses_weight or record.uses_density or bool(record.searchable)
+
+
 def _default_plan(method: str, models: tuple[str, ...], prepared) -> MergePlan:
     record = get_method(method)
     params = {m: ModelParams(record.default_weight, record.default_density) for m in models}
@@ -119,8 +125,14 @@ def main() -> None:
     build_zoo(zoo)
     WORK.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
+    # A method with nothing to search (Model Stock) is refused as a study's method: its tasks are
+    # prepared under linear's config, and it is scored at its defaults only.
     cfgs = {
-        m: config_from_dict(_config(zoo, m, limit=args.limit, held_out=args.held_out, trials=args.trials))
+        m: config_from_dict(
+            _config(
+                zoo, m if _searchable(m) else "linear", limit=args.limit, held_out=args.held_out, trials=args.trials
+            )
+        )
         for m in methods
     }
     t0 = time.perf_counter()
@@ -165,6 +177,10 @@ def main() -> None:
         else:
             held = _held_out(engine, prep, _default_plan(method, models.names, prep))
             row["defaults"] = {"held_out": held, "gain": _gain(held, base, spec)}
+            if not _searchable(method):
+                results[method] = row
+                print(f"{method}: normalized gain {row['defaults']['gain']} (defaults only)", flush=True)
+                continue
             study = optuna.create_study(directions=prep.directions, sampler=make_sampler(prep.config))
             t0 = time.perf_counter()
             run_trials(prep, study, engine, args.trials)
