@@ -15,7 +15,13 @@ engine start. For each method:
 Normalized gain per task is (merged − base) / (specialist − base) on held-out data; RegMean's
 Grams and HILA's golden data and importances are measured once, beside the work folder.
 
-    .venv/bin/python benchmarks/methods.py [--trials 24] [--engine vllm|hf] [--quick] [--methods a,b] [--out F]
+``--variant alt`` runs the seed methods' alternatives to their defaults (issue 22), in a work
+folder of its own: RegMean's Grams on the search examples with α = 0.9 (mergeopt's earlier
+default), Hi-Merging's per-model grid with probes at the models' own scales and the embedding
+and head probed (mergeopt's earlier procedure), HILA pruned at per-model quantiles.
+
+    .venv/bin/python benchmarks/methods.py [--trials 24] [--engine vllm|hf] [--quick] [--methods a,b]
+        [--variant default|alt] [--out F]
 """
 
 from __future__ import annotations
@@ -49,7 +55,27 @@ WORK = ROOT / "benchmarks" / ".work" / "methods"
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "regmean", "widen", "hila")
 
 
-def _config(zoo: Path, method: str, *, limit: int, held_out: int, trials: int) -> dict:
+#: Hi-Merging's procedure in each variant (the rounds are the same: 2).
+HI_MERGING = {
+    "default": {"rounds": 2},  # the authors': shared pair on the 10 × 10 grid, their probes, decoder layers
+    "alt": {"rounds": 2, "grid": (0.3, 0.7, 1.0), "model_wise": "per_model", "probes": "scaled", "pseudo_layers": True},
+}
+
+
+def _variant(config: dict, method: str, variant: str, limit: int) -> dict:
+    """``config`` with ``variant``'s settings for ``method`` (the defaults: unchanged)."""
+    if variant == "default":
+        return config
+    if method == "regmean":  # the Grams on the search examples the study scores, α 0.9
+        for objective in config["objectives"]:
+            objective["calibration_split"] = "search"
+        return {**config, "calibration": {"examples": limit}, "options": {"alpha": 0.9}}
+    if method == "hila":
+        return {**config, "options": {"per_model": True}}
+    return config
+
+
+def _config(zoo: Path, method: str, *, limit: int, held_out: int, trials: int, work: Path) -> dict:
     tasks = ("rev", "sort", "rot")
     return {
         "name": f"bench-{method}",
@@ -71,7 +97,7 @@ def _config(zoo: Path, method: str, *, limit: int, held_out: int, trials: int) -
         ],
         "search": {"trials": trials, "seed": 0, "baselines": False},
         # One data folder for every method: grams.safetensors, importance.safetensors, golden/.
-        "storage": f"sqlite:///{WORK / 'study.db'}",
+        "storage": f"sqlite:///{work / 'study.db'}",
     }
 
 
@@ -117,20 +143,32 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join((*METHODS, "hi_merging")))
     parser.add_argument("--quick", action="store_true", help="4 trials, 8 search examples: a smoke run")
     parser.add_argument("--out", default=None, help="results file name (default methods.json, methods-quick.json)")
+    parser.add_argument("--variant", choices=tuple(HI_MERGING), default="default", help="the seed methods' settings")
     args = parser.parse_args()
     if args.quick:
         args.trials, args.limit, args.held_out = 4, 8, 32
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     zoo = default_zoo_dir()
     build_zoo(zoo)
-    WORK.mkdir(parents=True, exist_ok=True)
+    work = WORK if args.variant == "default" else WORK.with_name(f"methods-{args.variant}")
+    work.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
     # A method with nothing to search (Model Stock) is refused as a study's method: its tasks are
     # prepared under linear's config, and it is scored at its defaults only.
     cfgs = {
         m: config_from_dict(
-            _config(
-                zoo, m if _searchable(m) else "linear", limit=args.limit, held_out=args.held_out, trials=args.trials
+            _variant(
+                _config(
+                    zoo,
+                    m if _searchable(m) else "linear",
+                    limit=args.limit,
+                    held_out=args.held_out,
+                    trials=args.trials,
+                    work=work,
+                ),
+                m,
+                args.variant,
+                args.limit,
             )
         )
         for m in methods
@@ -165,7 +203,7 @@ def main() -> None:
             from optimizer.search.warm_starts import StudyProbe
 
             t0 = time.perf_counter()
-            result = hi_merging(StudyProbe(prep, engine), rounds=2, grid=(0.3, 0.7, 1.0), method="hi_merging")
+            result = hi_merging(StudyProbe(prep, engine), method="hi_merging", **HI_MERGING[args.variant])
             held = _held_out(engine, prep, result.plan)
             row["search"] = {
                 "held_out": held,
@@ -176,6 +214,7 @@ def main() -> None:
             }
         else:
             held = _held_out(engine, prep, _default_plan(method, models.names, prep))
+            row["options"] = dict(prep.config.options)
             row["defaults"] = {"held_out": held, "gain": _gain(held, base, spec)}
             if not _searchable(method):
                 results[method] = row
@@ -203,6 +242,8 @@ def main() -> None:
         "zoo_version": ZOO_VERSION,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
         "engine": args.engine,
+        "variant": args.variant,
+        "hi_merging": {k: list(v) if isinstance(v, tuple) else v for k, v in HI_MERGING[args.variant].items()},
         "trials": args.trials,
         "search_examples": args.limit,
         "held_out_examples": args.held_out,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from optimizer.errors import DataError
 
-__all__ = ["SUFFIXES", "load_split"]
+__all__ = ["SUFFIXES", "load_rows", "load_split"]
 
 #: File suffix → ``datasets`` builder name.
 SUFFIXES: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -34,6 +34,17 @@ def _load_file(path: Path) -> list[dict]:
     except Exception as exc:  # datasets raises many types for unreadable files
         raise DataError(f"{path}: cannot read as {builder} ({type(exc).__name__}: {exc})") from None
     return ds.to_list()
+
+
+def load_rows(path: Path) -> list[dict]:
+    """Every row of one data file, whatever its split column says (e.g. a calibration file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist; check the path")
+    rows = _load_file(path)
+    if not rows:
+        raise DataError(f"{path}: the file holds no rows")
+    return rows
 
 
 def _split_file(folder: Path, split: str) -> Path | None:

@@ -18,8 +18,22 @@ from pathlib import Path
 __all__ = ["building_dir", "replace_dir", "write_file", "write_text"]
 
 
+def _umask() -> int:
+    """The process's umask; read from /proc where it can be, since setting it to read it is not
+    thread-safe (a file another thread makes meanwhile would get no mask at all)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_file(path: Path, write: Callable[[Path], object]) -> Path:
-    """Make ``path`` with ``write(tmp)`` on a temporary file beside it, then rename it into place."""
+    """Make ``path`` with ``write(tmp)`` on a temporary file beside it, then rename it into place.
+
+    The file gets the modes the user's umask gives new files (``mkstemp`` makes them private).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -27,6 +41,7 @@ def write_file(path: Path, write: Callable[[Path], object]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -55,8 +70,7 @@ def replace_dir(new: Path, out: Path, *, umask_modes: bool = False) -> None:
     such as the zoo should not be).
     """
     if umask_modes:
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         for path in [new, *new.rglob("*")]:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     old = None

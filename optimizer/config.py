@@ -23,6 +23,7 @@ from optimizer.errors import ConfigError
 
 __all__ = [
     "Bounds",
+    "CalibrationConfig",
     "EarlyRejectionConfig",
     "ObjectiveConfig",
     "SearchConfig",
@@ -94,6 +95,9 @@ class ObjectiveConfig(_Strict):
     lm_eval: LmEvalConfig | None = None
     search_split: str = "search"
     held_out_split: str = "held_out"
+    # Training-like rows, disjoint from the search split, that methods measuring inputs read
+    # (RegMean's Grams); only read by such methods.
+    calibration_split: str = "train"
     prompt_field: str = "prompt"
     target_field: str = "target"
     choices_field: str = "choices"
@@ -157,12 +161,36 @@ class ObjectiveConfig(_Strict):
 
 
 class HiMergingConfig(_Strict):
-    """The unattended Hi-Merging run that precedes the search when ``method: hi_merging``."""
+    """The unattended Hi-Merging run that precedes the search when ``method: hi_merging``.
+
+    The defaults are the authors' scripts (``docs/methods.md``): one (density, scale) pair shared by
+    every model on the 10 × 10 grid 0.1 … 1.0, probes that weigh a layer at 1.0 alone and at 0.5
+    merged with normalize on, decoder layers only. ``model_wise: per_model``, ``probes: scaled`` and
+    ``embed_head: true`` are mergeopt's variants.
+    """
 
     rounds: int = Field(default=3, ge=0)
-    grid: list[float] = Field(default_factory=lambda: [0.1, 0.4, 0.7, 1.0])
+    grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)])
+    model_wise: Literal["shared", "per_model"] = "shared"
+    probes: Literal["authors", "scaled"] = "authors"
+    embed_head: bool = False  # probe the embedding and the head as layers of their own
     margin: float = Field(default=0.0, ge=0.0)
     cross: bool = False
+
+
+class CalibrationConfig(_Strict):
+    """Text the models are measured on by methods that need their inputs (RegMean's Grams).
+
+    Never the search split: a merge fitted to the examples the search then scores would look
+    better there than it is. By default each model's own tasks' ``calibration_split`` (``train``).
+    """
+
+    # Examples per model; RegMean's authors read up to 1000 batches of 16 (gram_n_example: 1000).
+    examples: int = Field(default=16000, gt=0)
+    # Model → a data file (all its rows) or data folder (its calibration split), instead of the
+    # model's own tasks'. A row's ``text`` field is used as it is; other rows are rendered as the
+    # model's own task renders its examples (prompt and answer).
+    data: dict[str, str] = Field(default_factory=dict)
 
 
 class EarlyRejectionConfig(_Strict):
@@ -232,6 +260,7 @@ class StudyConfig(_Strict):
     search_options: dict[str, Bounds] = Field(default_factory=dict)
     objectives: list[ObjectiveConfig]
     search: SearchConfig = SearchConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     storage: str | None = None
     engine: Literal["vllm", "hf"] = "vllm"
     vllm: VllmConfig = VllmConfig()
@@ -294,6 +323,16 @@ class StudyConfig(_Strict):
                     f"search_options: {name!r} is not a numeric option of {self.method!r};"
                     f" searchable: {', '.join(numeric) or 'none'}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _calibrated_models_exist(self) -> StudyConfig:
+        unknown = [m for m in self.calibration.data if m not in self.models]
+        if unknown:
+            raise ValueError(
+                f"calibration.data names model {unknown[0]!r}, which is not among the models"
+                f" ({', '.join(self.models)}); use one of those names"
+            )
         return self
 
     @model_validator(mode="after")

@@ -81,7 +81,7 @@ def weights(prepared) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Ten
 def recorded(prepared, engine) -> tuple[ContributionAnalysis, list[MergePlan]]:
     """One real analysis (with cross probes) and the plans it sent to the engine, in order."""
     spy = _Recording(engine)
-    analysis = analyze_contributions(StudyProbe(prepared, spy), cross=True)
+    analysis = analyze_contributions(StudyProbe(prepared, spy), cross=True, pseudo_layers=True)
     return analysis, spy.plans
 
 
@@ -326,7 +326,7 @@ def test_model_tasks_prefers_the_stated_specialist(zoo):
 
 
 def test_hi_merging_keeps_the_best_plan_it_saw(prepared, engine):
-    result = hi_merging(StudyProbe(prepared, engine), rounds=1, grid=(0.5, 1.0))
+    result = hi_merging(StudyProbe(prepared, engine), rounds=1, grid=(0.5, 1.0), model_wise="per_model")
     stage1 = result.stage("model_wise")
     assert len(stage1) == 1 + 3 * 3  # the start, then 3 new (p, s) pairs per model (one is the start)
     assert result.score >= max(e.score for e in stage1)
@@ -339,3 +339,98 @@ def test_hi_merging_keeps_the_best_plan_it_saw(prepared, engine):
     assert {t.name: t.score(engine).value for t in prepared.tasks} == chosen.values
     assert all(set(e.values) == {"rev", "sort", "rot"} for e in result.evaluations)
     assert result.to_dict()["plan"] == result.plan.to_dict()
+
+
+# -- the authors' probes and model-wise grid, against mergeopt's variants ---------------------------
+
+
+class _Scripted:
+    """A :class:`Probe` without an engine: records every plan and scores it by a fixed rule."""
+
+    models = ("a", "b")
+    tasks = ("a", "b")
+    num_layers = 2
+    split = "search"
+
+    def __init__(self) -> None:
+        self.plans: list[MergePlan] = []
+
+    def maximize(self, task: str) -> bool:
+        return True
+
+    def stated_task(self, model: str) -> str | None:
+        return model
+
+    def stated_specialist(self, task: str) -> str | None:
+        return task
+
+    def score(self, plan: MergePlan, tasks: Sequence[str]) -> dict[str, float]:
+        self.plans.append(plan)
+        # Higher weight on a task's own model helps it; the sum of all weights is a tie-breaker.
+        own = {t: plan.params.get(t, ModelParams()).weight for t in tasks}
+        return {t: own[t] - 0.1 * abs(own[t] - 0.6) for t in tasks}
+
+
+def _probe_tensors(plan: MergePlan) -> torch.Tensor:
+    """What ``plan`` merges of one L01 tensor whose two task vectors keep disjoint entries."""
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = {name: torch.zeros(1, 4)}
+    deltas = {name: [torch.tensor([[1.0, 0.0, 2.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0, 2.0]])]}
+    return merge_state_dict(plan, base, deltas)[name]
+
+
+def test_the_authors_probes_weigh_a_layer_at_one_alone_and_at_half_merged_with_normalize_on():
+    probe = _Scripted()
+    analysed = {"a": ModelParams(weight=0.3, density=1.0), "b": ModelParams(weight=0.7, density=1.0)}
+    analysis = analyze_contributions(
+        probe, base_method="hi_merging", model_params=analysed, options={"normalize": False}
+    )
+    assert analysis.layers == ("L00", "L01") and analysis.weighting == "authors"  # no embed / head by default
+    single = [p for p in probe.plans if "a.L01" in p.params and "b.L01" not in p.params]
+    merged = [p for p in probe.plans if "a.L01" in p.params and "b.L01" in p.params]
+    assert len(single) == 1 and len(merged) == 1
+    # Alone, the layer enters at weight 1.0, not at the model's scale 0.3: its whole trimmed τ.
+    assert single[0].params["a.L01"] == ModelParams(weight=1.0, density=1.0)
+    torch.testing.assert_close(_probe_tensors(single[0]), torch.tensor([[1.0, 0.0, 2.0, 0.0]]))
+    # Merged, both at 0.5 with normalize on: an entry one model alone keeps enters at full size.
+    assert merged[0].options["normalize"] is True and merged[0].params["b.L01"].weight == 0.5
+    torch.testing.assert_close(_probe_tensors(merged[0]), torch.tensor([[1.0, 1.0, 2.0, 2.0]]))
+
+
+def test_the_scaled_probes_keep_the_analysed_scales_and_halve_what_one_model_keeps():
+    probe = _Scripted()
+    analysed = {"a": ModelParams(weight=0.3, density=1.0), "b": ModelParams(weight=0.7, density=1.0)}
+    analysis = analyze_contributions(
+        probe,
+        base_method="hi_merging",
+        model_params=analysed,
+        options={"normalize": False},
+        probes="scaled",
+        pseudo_layers=True,
+    )
+    assert analysis.layers == ("embed", "L00", "L01", "head") and analysis.weighting == "scaled"
+    single = next(p for p in probe.plans if "a.L01" in p.params and "b.L01" not in p.params)
+    merged = next(p for p in probe.plans if "a.L01" in p.params and "b.L01" in p.params)
+    assert single.params["a.L01"].weight == 0.3
+    assert merged.options["normalize"] is False
+    torch.testing.assert_close(_probe_tensors(merged), torch.tensor([[0.15, 0.35, 0.3, 0.7]]))
+    assert ContributionAnalysis.from_json(analysis.to_json()).weighting == "scaled"
+    with pytest.raises(ConfigError, match="probes"):
+        analyze_contributions(probe, probes="halved")
+
+
+def test_the_authors_model_wise_stage_shares_one_pair_on_the_whole_grid():
+    probe = _Scripted()
+    result = hi_merging(probe, rounds=0, grid=(0.2, 0.6, 1.0), method="ties")
+    stage1 = result.stage("model_wise")
+    assert len(stage1) == 9  # |grid|², not N·|grid|²
+    assert all(len({p for p in e.plan.params.values()}) == 1 for e in stage1)  # every model the same pair
+    assert {(e.plan.params["a"].density, e.plan.params["a"].weight) for e in stage1} == {
+        (p, s) for p in (0.2, 0.6, 1.0) for s in (0.2, 0.6, 1.0)
+    }
+    per_model = hi_merging(_Scripted(), rounds=0, grid=(0.2, 0.6, 1.0), method="ties", model_wise="per_model")
+    assert len(per_model.stage("model_wise")) == 1 + 2 * 8
+    # Both stay the best plan they saw; the per-model search can give each model its own pair.
+    assert per_model.score >= result.score
+    with pytest.raises(ConfigError, match="model_wise"):
+        hi_merging(probe, model_wise="each")

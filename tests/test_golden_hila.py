@@ -35,6 +35,9 @@ from optimizer.fingerprint import model_fingerprint
 from optimizer.merge import MergePlan, ModelParams, get_method, merge_state_dict, task_vectors
 from optimizer.merge.hila import (
     HILA,
+    HilaMerge,
+    TensorSlice,
+    Unit,
     hila_coefficients,
     hila_method,
     importance_exact,
@@ -420,7 +423,8 @@ def _random_importance(units, seed: int = 0) -> dict[str, dict[str, float]]:
 
 def test_unbound_hila_says_importance_comes_first(zoo_state):
     base, deltas = zoo_state
-    assert get_method("hila") is HILA and not HILA.uses_weight and set(HILA.options) == {"q", "T", "lambda"}
+    assert get_method("hila") is HILA and not HILA.uses_weight
+    assert set(HILA.options) == {"q", "T", "lambda", "per_model"}
     with pytest.raises(ConfigError, match="importance measured first"):
         merge_state_dict(MergePlan("hila", TASKS), base, deltas)
 
@@ -465,6 +469,28 @@ def test_softmax_weights_favour_the_more_important_model():
     assert sharp["u"][0] == pytest.approx(1.0) and sharp["v"][1] == pytest.approx(1.0)
     # q = 0.25 prunes the one pair below the lower quartile, (a, v): b alone carries v.
     assert hila_coefficients(importance, ("a", "b"), ("u", "v"), q=0.25, T=1.0)["v"] == (0.0, 1.0)
+
+
+def test_per_model_quantiles_keep_each_models_share_when_one_models_importances_are_larger():
+    # Model a's golden task is harder: every importance of a is ten times b's.
+    importance = {"a": {"u": 1.0, "v": 2.0, "w": 3.0, "x": 4.0}, "b": {"u": 0.4, "v": 0.3, "w": 0.2, "x": 0.1}}
+    names = ("u", "v", "w", "x")
+    shared = hila_coefficients(importance, ("a", "b"), names, q=0.5, T=1.0)
+    assert all(c[1] == 0.0 for c in shared.values())  # one global quantile prunes all of b
+    own = hila_coefficients(importance, ("a", "b"), names, q=0.5, T=1.0, per_model=True)
+    kept = {m: [u for u in names if own[u][i] > 0] for i, m in enumerate(("a", "b"))}
+    assert kept == {"a": ["w", "x"], "b": ["u", "v"]}  # each model its own top half
+    # Units only one model keeps go to that model whole; the per-model option reaches the merge.
+    assert own["u"] == (0.0, 1.0) and own["x"] == (1.0, 0.0)
+    name = "t"
+    unit = Unit("u", 0, "mlp", (TensorSlice(name, 0, 0, 1),))
+    fn = HilaMerge({"a": {"u": 1.0}, "b": {"u": 0.1}}, ("a", "b"), (unit,))
+    base, deltas = torch.zeros(1, 2), [torch.ones(1, 2), 2 * torch.ones(1, 2)]
+    params = [ModelParams(), ModelParams()]
+    merged = fn(name, base, deltas, params, {"q": 0.5, "T": 1.0, "per_model": True}, torch.Generator())
+    torch.testing.assert_close(merged, torch.tensor([[1.5, 1.5]]))  # both kept, equal weights
+    merged = fn(name, base, deltas, params, {"q": 0.5, "T": 1.0}, torch.Generator())
+    torch.testing.assert_close(merged, torch.tensor([[1.0, 1.0]]))  # globally only a's pair survives
 
 
 def test_hila_refuses_importance_for_other_units_or_models(units):

@@ -372,7 +372,7 @@ def test_regmean_merge_averages_tensors_without_grams():
 
 
 def test_regmean_refuses_to_merge_without_grams():
-    assert get_method("regmean") is REGMEAN and REGMEAN.options == {"alpha": 0.9} and REGMEAN.mergekit is None
+    assert get_method("regmean") is REGMEAN and REGMEAN.options == {"alpha": 0.1} and REGMEAN.mergekit is None
     base = torch.zeros(2, 2)
     assert REGMEAN.merge is None  # unbound: the Grams are measured per study
     with pytest.raises(ConfigError, match="needs its grams measured first"):

@@ -119,6 +119,8 @@ def test_analyze_contributions_reports_conflicts_and_enqueues_warm_starts(zoo, t
     assert "conflicts" in proc.stdout
     data = json.loads((study_dir / "contributions.json").read_text())
     assert set(data["models"]) == {"rev", "sort", "rot"}
+    # The authors' probes, of the decoder layers only (their layer lists hold no embedding or head).
+    assert data["weighting"] == "authors" and data["layers"] == ["L00", "L01", "L02", "L03"]
     assert (study_dir / "contributions.png").stat().st_size > 0
     study = optuna.load_study(study_name="ca", storage=f"sqlite:///{study_dir / 'study.db'}")
     assert study.user_attrs["contributions"]["alpha"] == data["alpha"]
@@ -153,7 +155,7 @@ def test_analyze_contributions_reports_conflicts_and_enqueues_warm_starts(zoo, t
         cwd=tmp_path,
         check=True,
     )
-    layers = ["L00", "L01", "L02", "L03", "embed", "head"]
+    layers = ["L00", "L01", "L02", "L03"]
     assert f"coefficients from now on: {', '.join(layers)}" in " ".join(proc.stdout.split())
     study = optuna.load_study(study_name="ca", storage=f"sqlite:///{study_dir / 'study.db'}")
     assert study.user_attrs["layer_overrides"] == layers
@@ -164,7 +166,7 @@ def test_analyze_contributions_reports_conflicts_and_enqueues_warm_starts(zoo, t
     for trial in newest:
         assert {f"{m}.{layer}.weight" for m in ("rev", "sort", "rot") for layer in layers} <= set(trial.params)
         assert "rev.weight" in trial.params  # the shared model-wise coefficients stay
-        assert set(trial.user_attrs["plan"]["params"]) >= {"rev", "rev.L02", "sort.head"}
+        assert set(trial.user_attrs["plan"]["params"]) >= {"rev", "rev.L02", "sort.L03"}
 
 
 def test_golden_command_writes_specialist_answers_once(zoo, tmp_path) -> None:

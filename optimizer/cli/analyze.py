@@ -30,6 +30,13 @@ def contributions(
         bool, typer.Option("--cross", help="score each single-layer probe on every task to name who hurts")
     ] = False,
     refresh: Annotated[bool, typer.Option("--refresh", help="probe again even if the study holds an analysis")] = False,
+    probes: Annotated[
+        str | None,
+        typer.Option(help="authors (a layer at 1.0 alone, at 0.5 merged, normalized) or scaled (at its own scale)"),
+    ] = None,
+    embed_head: Annotated[
+        bool | None, typer.Option("--embed-head/--no-embed-head", help="probe the embedding and head too")
+    ] = None,
     enqueue: Annotated[bool, typer.Option(help="enqueue warm-start trials for the next 'mergeopt search'")] = True,
 ) -> None:
     """Hi-Merging's layer probes: which layers help alone but hurt merged (table, heatmap, JSON, warm starts)."""
@@ -59,6 +66,8 @@ def contributions(
             threshold=threshold,
             margin=margin,
             enqueue=enqueue,
+            probes=probes,
+            embed_head=embed_head,
             progress=lambda msg: spinner.update(f"probing layers: {msg}"),
         )
     analysis = outcome.analysis

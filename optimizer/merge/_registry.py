@@ -56,8 +56,9 @@ class StudyInputs(Protocol):
         """The base and the specialists, in the plan's model order."""
         ...
 
-    def texts(self, model: str) -> list[str]:
-        """Training-like text of ``model``'s own tasks (prompt and answer): calibration data."""
+    def calibration(self, model: str) -> list[str]:
+        """Training-like text of ``model`` (its own tasks' calibration rows, prompt and answer),
+        never the search split; at most the study's ``calibration.examples``."""
         ...
 
     def golden(self, model: str) -> list[dict[str, str]]:

@@ -164,6 +164,8 @@ def analyze_study(
     threshold: float = 0.0,
     margin: float = 0.0,
     enqueue: bool = True,
+    probes: str | None = None,
+    embed_head: bool | None = None,
     progress: Progress | None = None,
 ) -> AnalysisOutcome:
     """Hi-Merging's layer probes on a study, and what the study keeps of them.
@@ -172,12 +174,22 @@ def analyze_study(
     analysis of the same trial is reused unless ``refresh``. Conflicting layers (``threshold``,
     ``margin``: :meth:`ContributionAnalysis.is_conflict`) get coefficients of their own in the
     study's space from now on, and with ``enqueue`` the analysis's warm starts are queued for the
-    next ``mergeopt search``.
+    next ``mergeopt search``. ``probes`` and ``embed_head`` default to the study config's
+    ``search.hi_merging`` (the authors' probes of the decoder layers unless it says otherwise).
     """
     if split not in ("search", "held_out"):
         raise ConfigError(f"--split {split!r} is not a split; use 'search' or 'held_out'")
+    settings = prepared.config.search.hi_merging
+    probes = settings.probes if probes is None else probes
+    embed_head = settings.embed_head if embed_head is None else embed_head
     stored = study.user_attrs.get(attrs.CONTRIBUTIONS)
-    reused = isinstance(stored, dict) and not refresh and stored.get("trial") == trial
+    reused = (
+        isinstance(stored, dict)
+        and not refresh
+        and stored.get("trial") == trial
+        and stored.get("weighting", "scaled") == probes
+        and ("embed" in stored.get("layers", ())) == embed_head
+    )
     if isinstance(stored, dict) and reused:
         analysis = ContributionAnalysis.from_dict(stored)
     else:
@@ -192,6 +204,8 @@ def analyze_study(
             base_method=plan.method,
             model_params=plan.params,
             options=plan.options,
+            probes=probes,
+            pseudo_layers=embed_head,
             cross=cross,
             progress=progress,
         )
@@ -246,6 +260,9 @@ def run_hi_merging_stage(
         StudyProbe(prepared, engine),
         rounds=hm.rounds,
         grid=tuple(hm.grid),
+        model_wise=hm.model_wise,
+        probes=hm.probes,
+        pseudo_layers=hm.embed_head,
         method="hi_merging",
         options={**config.options, "seed": config.search.seed},
         margin=hm.margin,

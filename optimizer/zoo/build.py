@@ -116,7 +116,7 @@ def build_zoo(
     from optimizer.zoo._train import DEFAULT_RECIPE
 
     recipe = _recipe or DEFAULT_RECIPE
-    return cached_build(
+    info = cached_build(
         Path(out),
         key={"zoo_version": ZOO_VERSION, "seed": seed, "recipe": recipe.to_dict()},
         build=lambda tmp, say: _build(tmp, seed=seed, recipe=recipe, say=say),
@@ -125,6 +125,47 @@ def build_zoo(
         check_criteria=check_criteria,
         env_var="MERGEOPT_ZOO_DIR",
     )
+    write_calibration_splits(Path(info["root"]), seed=seed)
+    return info
+
+
+#: Examples per task in the zoo's calibration split (``train.jsonl``).
+CALIBRATION_EXAMPLES = 1024
+
+
+def write_calibration_splits(zoo_dir: Path, *, seed: int = 0) -> None:
+    """Give each task a ``train`` split: fresh examples of its generator, none a search or held-out
+    prompt, for methods that measure the models on training-like text (RegMean's Grams).
+
+    The zoo trains on examples drawn on the fly, so it has no training file to ship; these are drawn
+    the same way from a seed of their own. Written once beside the other splits (atomically, so
+    concurrent processes agree), also into a zoo cached before the split existed: the weights do not
+    depend on it, so the cached build stays valid.
+    """
+    from optimizer.atomic import write_text
+
+    for task in TASK_NAMES:
+        folder = zoo_dir / "tasks" / task
+        path = folder / "train.jsonl"
+        if path.is_file():
+            continue
+        scored = {
+            json.loads(line)["prompt"]
+            for split in ("search", "held_out")
+            for line in (folder / f"{split}.jsonl").read_text().splitlines()
+            if line.strip()
+        }
+        rng = random.Random(f"mergeopt-zoo:{seed}:calibration:{task}")
+        seen: set[str] = set()
+        rows: list[str] = []
+        for _ in range(100 * CALIBRATION_EXAMPLES):  # a bound, should a generator run out of prompts
+            if len(rows) == CALIBRATION_EXAMPLES:
+                break
+            ex = TASKS[task].sample(rng)
+            if ex.prompt not in scored and ex.prompt not in seen:
+                seen.add(ex.prompt)
+                rows.append(json.dumps(ex.to_dict()) + "\n")
+        write_text(path, "".join(rows))
 
 
 def cached_build(

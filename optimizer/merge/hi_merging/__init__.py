@@ -16,6 +16,7 @@ from optimizer.merge._generalized import Consensus, Sparsification, generalized_
 from optimizer.merge._registry import register
 from optimizer.merge.hi_merging.analysis import RESOLUTIONS, ContributionAnalysis, resolve_layers
 from optimizer.merge.hi_merging.probes import (
+    PROBES,
     PSEUDO_LAYERS,
     Probe,
     analyze_contributions,
@@ -23,10 +24,13 @@ from optimizer.merge.hi_merging.probes import (
     model_tasks,
     probe_plan,
 )
-from optimizer.merge.hi_merging.procedure import Evaluation, HiMergingResult, hi_merging
+from optimizer.merge.hi_merging.procedure import AUTHORS_GRID, MODEL_WISE, Evaluation, HiMergingResult, hi_merging
 
 __all__ = [
+    "AUTHORS_GRID",
     "HI_MERGING",
+    "MODEL_WISE",
+    "PROBES",
     "PSEUDO_LAYERS",
     "RESOLUTIONS",
     "ContributionAnalysis",

@@ -54,6 +54,7 @@ class ContributionAnalysis:
     cross: dict[str, dict[str, dict[str, float]]] | None = None
     probes: int = 0
     seconds: float = 0.0
+    weighting: str = "authors"
 
     # -- conflicts ------------------------------------------------------------------------------
     def is_conflict(self, model: str, layer: str, threshold: float = 0.0, *, margin: float = 0.0) -> bool:
@@ -179,6 +180,7 @@ class ContributionAnalysis:
             "cross": self.cross,
             "probes": self.probes,
             "seconds": self.seconds,
+            "weighting": self.weighting,
         }
 
     @classmethod
@@ -203,6 +205,7 @@ class ContributionAnalysis:
             cross=data.get("cross"),
             probes=int(data["probes"]),
             seconds=float(data["seconds"]),
+            weighting=str(data.get("weighting", "scaled")),  # stored before the authors' probes existed
         )
 
     def to_json(self) -> str:

@@ -1,19 +1,29 @@
 """Hi-Merging's layer probes: how much each layer of each model helps alone, and merged.
 
-For each model m and layer l (decoder layers ``L00``…, plus the ``embed`` and ``head``
-pseudo-layers) the single-layer contribution
+For each model m and decoder layer l the single-layer contribution
 
     αₘ,ₗ = Perfₘ(θ₀ + τ̂ₘ on layer l) − Perfₘ(θ₀)
 
 and the merged-layer contribution
 
-    βₘ,ₗ = Perfₘ(θ₀ + (1/N) Σₖ τ̂ₖ on layer l) − Perfₘ(θ₀),
+    βₘ,ₗ = Perfₘ(merge of every τ̂ₖ on layer l) − Perfₘ(θ₀),
 
-where τ̂ₖ is model k's task vector under the coefficients being analysed (by default weight 1,
-density 1: the raw τₖ) and N the number of models. The paper merges two models and writes ½Σ;
-1/N is the same uniform average for any N. Under a normalizing method (TIES' default
-``normalize: true``) the 1/N is a no-op, because the merge is already a weighted mean, so β is
-exactly "layer l of that merge".
+where τ̂ₖ is model k's task vector trimmed to the density under analysis. How the probes weigh the
+task vectors (``probes``):
+
+* ``authors`` (the default), as the authors' scripts run them through mergekit's ``ties``: the
+  single-layer probe sets that layer of the one model to weight 1.0 (not to the model's model-wise
+  scale), and the merged-layer probe sets every model's weight on the layer to 0.5 with the method's
+  ``normalize`` on — so an entry only one model keeps enters at full size, and the merge is the
+  disjoint mean of the entries the models agree on. A method without a ``normalize`` option gets
+  1/N instead (0.5 for two models, the authors' case).
+* ``scaled``, mergeopt's earlier variant: α at the model's own scale on that layer, β at its scale
+  divided by N with the options under analysis (normalize off for Hi-Merging's merge), which halves
+  an entry only one model keeps and can read mere dilution as a conflict.
+
+The authors probe the decoder layers only: embeddings and the head keep the coefficients under
+analysis. ``pseudo_layers=True`` probes them too, as the ``embed`` and ``head`` pseudo-layers (plan
+scopes ``m.embed``, ``m.head``).
 
 A probe is an ordinary :class:`MergePlan` (:func:`probe_plan`: model-level weight 0, the probed
 layer's scope set), so every engine runs it through its normal ``apply_plan``. "Perfₘ" is the score
@@ -36,12 +46,24 @@ from optimizer.merge.hi_merging.analysis import ContributionAnalysis, at
 from optimizer.merge.plan import MergePlan, ModelParams, base_plan
 from optimizer.models import layer_key
 
-__all__ = ["PSEUDO_LAYERS", "Probe", "Progress", "analyze_contributions", "layer_labels", "model_tasks", "probe_plan"]
+__all__ = [
+    "PROBES",
+    "PSEUDO_LAYERS",
+    "Probe",
+    "Progress",
+    "analyze_contributions",
+    "layer_labels",
+    "model_tasks",
+    "probe_plan",
+]
 
-#: Tensors outside the decoder stack, probed as if they were layers (plan scopes ``m.embed``,
-#: ``m.head``). Cheap — two more probes per model — and embeddings are where vocabulary-level
-#: specialisation often sits.
+#: Tensors outside the decoder stack, probed as if they were layers when asked (plan scopes
+#: ``m.embed``, ``m.head``): two more probes per model, and embeddings are where vocabulary-level
+#: specialisation often sits. The authors' layer lists leave them out, so by default so does mergeopt.
 PSEUDO_LAYERS: tuple[str, ...] = ("embed", "head")
+
+#: How the probes weigh the task vectors (module docstring): the authors' way first, the default.
+PROBES: tuple[str, ...] = ("authors", "scaled")
 
 Progress = Callable[[str], None]
 
@@ -181,13 +203,36 @@ def model_tasks(probe: Probe, specialist_gain: Mapping[str, Mapping[str, float]]
     return out
 
 
+def _single_layer(params: Mapping[str, ModelParams], model: str, layer: str, probes: str) -> ModelParams:
+    """Model ``model``'s coefficients in its single-layer probe of ``layer``."""
+    own = at(params, model, layer)
+    return replace(own, weight=1.0) if probes == "authors" else own
+
+
+def _merged_layer(
+    params: Mapping[str, ModelParams],
+    models: Sequence[str],
+    layer: str,
+    probes: str,
+    normalizes: bool,
+) -> dict[str, ModelParams]:
+    """Every model's coefficients in the merged-layer probe of ``layer``."""
+    n = len(models)
+    if probes == "authors":
+        weight = 0.5 if normalizes else 1.0 / n  # normalized, any equal weight is the same merge
+        return {k: replace(at(params, k, layer), weight=weight) for k in models}
+    # 1/N: the uniform average of the N task vectors at their own scales.
+    return {k: replace(at(params, k, layer), weight=at(params, k, layer).weight / n) for k in models}
+
+
 def analyze_contributions(
     probe: Probe,
     *,
     base_method: str = "task_arithmetic",
     model_params: Mapping[str, ModelParams] | None = None,
     options: Mapping[str, float | int | bool | str] | None = None,
-    pseudo_layers: bool = True,
+    probes: str = "authors",
+    pseudo_layers: bool = False,
     cross: bool = False,
     progress: Progress | None = None,
 ) -> ContributionAnalysis:
@@ -195,24 +240,28 @@ def analyze_contributions(
 
     ``model_params`` are the coefficients under analysis, as plan scopes: ``"rev"`` (model-wise)
     and optionally ``"rev.L03"`` (one layer); absent models get weight 1, density 1. They are
-    merged with ``base_method`` and ``options``. Cost, in merge-and-score runs: 1 (θ₀) + N (each
-    model alone, for context) + L·N (α) + L (β, each scored on the N own tasks), with L counting
-    the pseudo-layers. ``cross`` scores every α probe on every model's task too (N scorings instead
-    of one, same number of merges), which lets :meth:`ContributionAnalysis.culprit` name the model
-    that actually hurts instead of guessing. The engine is left holding the last probe.
+    merged with ``base_method`` and ``options``; ``probes`` says how the probes weigh them (module
+    docstring) and ``pseudo_layers`` whether the embedding and the head are probed too. Cost, in
+    merge-and-score runs: 1 (θ₀) + N (each model alone, for context) + L·N (α) + L (β, each scored
+    on the N own tasks). ``cross`` scores every α probe on every model's task too (N scorings
+    instead of one, same number of merges), which lets :meth:`ContributionAnalysis.culprit` name
+    the model that actually hurts instead of guessing. The engine is left holding the last probe.
     """
     say = progress or quiet
     started = time.perf_counter()
+    if probes not in PROBES:
+        raise ConfigError(f"hi_merging probes {probes!r} is not known; use one of {', '.join(PROBES)}")
     models = tuple(probe.models)
-    n = len(models)
     layers = layer_labels(probe.num_layers, pseudo_layers=pseudo_layers)
     params = dict(model_params or {})
     _check_scopes(params, models, layer_labels(probe.num_layers))
-    get_method(base_method)  # an unknown method fails here, before any probe
+    spec = get_method(base_method)  # an unknown method fails here, before any probe
     opts = dict(options or {})
+    normalizes = "normalize" in spec.options
+    # The authors' merged-layer probe: mergekit's ties with its default normalize (on).
+    merged_opts = {**opts, "normalize": True} if probes == "authors" and normalizes else opts
     prober = _Counter(probe)
     all_tasks = list(probe.tasks)
-
     base_scores = prober.run(base_plan(models), all_tasks)
     say(f"θ₀: {fmt(base_scores)}")
     gains: dict[str, dict[str, float]] = {}
@@ -235,7 +284,7 @@ def analyze_contributions(
     for m in models:
         for layer in layers:
             scores = prober.run(
-                probe_plan(base_method, models, layer, {m: at(params, m, layer)}, options=opts),
+                probe_plan(base_method, models, layer, {m: _single_layer(params, m, layer, probes)}, options=opts),
                 own_tasks if cross else [task_of[m]],
             )
             alpha[m][layer] = scores[task_of[m]] - base_scores[task_of[m]]
@@ -246,9 +295,8 @@ def analyze_contributions(
 
     beta: dict[str, dict[str, float]] = {m: {} for m in models}
     for layer in layers:
-        # 1/N: the uniform average of the N task vectors (the paper's ½Σ for two models).
-        merged = {k: replace(at(params, k, layer), weight=at(params, k, layer).weight / n) for k in models}
-        scores = prober.run(probe_plan(base_method, models, layer, merged, options=opts), own_tasks)
+        merged = _merged_layer(params, models, layer, probes, normalizes)
+        scores = prober.run(probe_plan(base_method, models, layer, merged, options=merged_opts), own_tasks)
         for m in models:
             beta[m][layer] = scores[task_of[m]] - base_scores[task_of[m]]
         say(f"β {layer}: " + ", ".join(f"{m} {beta[m][layer]:+.4f}" for m in models))
@@ -268,4 +316,5 @@ def analyze_contributions(
         cross=crossed if cross else None,
         probes=prober.merges,
         seconds=round(time.perf_counter() - started, 3),
+        weighting=probes,
     )

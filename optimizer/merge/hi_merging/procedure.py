@@ -28,7 +28,15 @@ from optimizer.merge.hi_merging.probes import (
 )
 from optimizer.merge.plan import MergePlan, ModelParams, base_plan, specialist_plan
 
-__all__ = ["Evaluation", "HiMergingResult", "hi_merging"]
+__all__ = ["AUTHORS_GRID", "MODEL_WISE", "Evaluation", "HiMergingResult", "hi_merging"]
+
+#: The authors' model-wise grid: density and scale each in 0.1 … 1.0.
+AUTHORS_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+#: The model-wise stage: one (density, scale) pair shared by every model, tried on the whole grid
+#: as the authors' scripts do (|grid|² evaluations), or mergeopt's coordinate search of one pair per
+#: model (N·|grid|² evaluations).
+MODEL_WISE: tuple[str, ...] = ("shared", "per_model")
 
 
 @dataclass(frozen=True)
@@ -145,11 +153,50 @@ def _references(probe: Probe, prober: _Counter) -> tuple[dict[str, float], dict[
     return base, specialist
 
 
+def _model_wise(
+    ev: _Evaluator,
+    mode: str,
+    method: str,
+    models: tuple[str, ...],
+    densities: Sequence[float],
+    steps: Sequence[float],
+    opts: Mapping[str, float | int | bool | str],
+) -> Evaluation:
+    """Stage 1: the best model-wise plan of the grid, shared pair or one pair per model."""
+    if mode == "shared":
+        tried = [
+            ev.evaluate(
+                MergePlan(method, models, dict.fromkeys(models, ModelParams(weight=s, density=p)), opts),
+                "model_wise",
+                f"all p={p:g} s={s:g}",
+            )
+            for p, s in itertools.product(densities, steps)
+        ]
+        best = tried[0]  # the grid is never empty
+        for found in tried[1:]:
+            if _better(found, best):
+                best = found
+        return best
+    current = {m: ModelParams(weight=steps[-1], density=densities[-1]) for m in models}
+    best = ev.evaluate(MergePlan(method, models, current, opts), "model_wise", "start")
+    for m in models:
+        for p, s in itertools.product(densities, steps):
+            trial = {**current, m: ModelParams(weight=s, density=p)}
+            found = ev.evaluate(MergePlan(method, models, trial, opts), "model_wise", f"{m} p={p:g} s={s:g}")
+            if _better(found, best):
+                best = found
+        current = dict(best.plan.params)
+    return best
+
+
 def hi_merging(
     probe: Probe,
     *,
     rounds: int = 3,
-    grid: Sequence[float] = (0.1, 0.4, 0.7, 1.0),
+    grid: Sequence[float] = AUTHORS_GRID,
+    model_wise: str = "shared",
+    probes: str = "authors",
+    pseudo_layers: bool = False,
     method: str = "ties",
     options: Mapping[str, float | int | bool | str] | None = None,
     threshold: float = 0.0,
@@ -161,11 +208,15 @@ def hi_merging(
 
     0. *References*: θ₀ and each specialist alone, on every task (they fix the normalization;
        not logged, since a study has them as baselines).
-    1. *Model-wise*: every model starts at density = scale = max(grid); then, one model at a time
-       (the others held at their current values), every (density p, scale s) in grid × grid is
-       tried and the best kept — N·|grid|² evaluations instead of |grid|^(2N). Methods without
+    1. *Model-wise*: with ``model_wise="shared"`` (the authors' scripts), one (density p, scale s)
+       pair for every model, each of grid × grid tried (|grid|² evaluations; the default grid is the
+       authors' 0.1 … 1.0). With ``"per_model"``, every model starts at density = scale = max(grid);
+       then, one model at a time (the others held at their current values), every pair of the grid
+       is tried and the best kept — N·|grid|² evaluations instead of |grid|^(2N). Methods without
        density search s only.
-    2. *Analysis*: :func:`analyze_contributions` on the current best plan's coefficients.
+    2. *Analysis*: :func:`analyze_contributions` on the current best plan's coefficients, with
+       ``probes`` and ``pseudo_layers`` as documented there (by default the authors' probes of the
+       decoder layers).
     3. *Resolution*: each conflict's culprit (:meth:`ContributionAnalysis.culprit`) is cut back
        on the conflicting layer by each of :data:`RESOLUTIONS` (``prune`` only for methods with a
        density), for all conflicting layers at once and, when there are several, one layer at a
@@ -184,6 +235,8 @@ def hi_merging(
     steps = sorted({float(x) for x in grid})
     if not steps or any(not 0.0 < x <= 1.0 for x in steps):
         raise ConfigError(f"hi_merging grid {list(grid)} must be non-empty values in (0, 1], e.g. [0.1, 0.4, 0.7, 1.0]")
+    if model_wise not in MODEL_WISE:
+        raise ConfigError(f"hi_merging model_wise {model_wise!r} is not known; use one of {', '.join(MODEL_WISE)}")
     spec = get_method(method)
     # Only where the method normalizes by default: a method that already doesn't keeps its options
     # as the study's search space writes them, so its plans stay expressible as study parameters.
@@ -192,7 +245,7 @@ def hi_merging(
     models = tuple(probe.models)
     densities = steps if spec.uses_density else [1.0]
     analyses: list[ContributionAnalysis] = []
-    probes = 0
+    probe_runs = 0
 
     say("stage 0: references")
     prober = _Counter(probe)
@@ -200,16 +253,8 @@ def hi_merging(
     say(f"θ₀ {fmt(base)}; specialists {fmt(specialist)} (signed)")
     ev = _Evaluator(probe, say, base, specialist)
 
-    say("stage 1: model-wise density and scale")
-    current = {m: ModelParams(weight=steps[-1], density=densities[-1]) for m in models}
-    best = ev.evaluate(MergePlan(method, models, current, opts), "model_wise", "start")
-    for m in models:
-        for p, s in itertools.product(densities, steps):
-            trial = {**current, m: ModelParams(weight=s, density=p)}
-            found = ev.evaluate(MergePlan(method, models, trial, opts), "model_wise", f"{m} p={p:g} s={s:g}")
-            if _better(found, best):
-                best = found
-        current = dict(best.plan.params)
+    say(f"stage 1: model-wise density and scale ({model_wise.replace('_', ' ')})")
+    best = _model_wise(ev, model_wise, method, models, densities, steps, opts)
 
     for r in range(1, rounds + 1):
         say(f"stage 2: contribution analysis, round {r}")
@@ -218,11 +263,13 @@ def hi_merging(
             base_method=method,
             model_params=best.plan.params,
             options=opts,
+            probes=probes,
+            pseudo_layers=pseudo_layers,
             cross=cross,
             progress=say,
         )
         analyses.append(analysis)
-        probes += analysis.probes
+        probe_runs += analysis.probes
         targets = analysis.culprits(analysis.conflicts(threshold, margin=margin))
         if not targets:
             say("no conflicts left")
@@ -249,6 +296,6 @@ def hi_merging(
         score=best.score,
         evaluations=ev.log,
         analyses=analyses,
-        probes=probes + prober.merges + ev.merges,
+        probes=probe_runs + prober.merges + ev.merges,
         seconds=round(time.perf_counter() - started, 3),
     )

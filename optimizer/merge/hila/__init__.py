@@ -9,10 +9,13 @@ Iₘ,ᵤ for it: how much m's golden loss rises when its delta on u is removed. 
 where kₘ,ᵤ = 1 keeps the pair when Iₘ,ᵤ is at or above the q-quantile of *all* (model, unit)
 importances and 0 prunes it, and s = mean |Iₘ,ᵤ| over the table. Choices, and why:
 
-* One global quantile, not one per model: a model whose task vector matters little everywhere
-  should lose more units than one that matters everywhere, and q → 1 keeps the single most
-  important (model, unit) pair, which makes q an interpretable knob. A unit all models lose is
-  left at the base.
+* One global quantile by default, not one per model: a model whose task vector matters little
+  everywhere should lose more units than one that matters everywhere, and q → 1 keeps the single
+  most important (model, unit) pair, which makes q an interpretable knob. A unit all models lose
+  is left at the base. ``per_model: true`` is the alternative for tables where one model's
+  importances are an order larger than another's (a harder golden task, not a more important
+  model): each model's row is divided by its own mean |I| and pruned at its own q-quantile, so
+  every model keeps the same share of its units.
 * T is in units of s, the table's mean absolute importance: raw importances are nats per golden
   token and range from 1e-4 (the zoo) to whole nats, so without s no one search range for T would
   fit every study. T → ∞ gives equal weights among kept models.
@@ -59,8 +62,9 @@ __all__ = [
     "unit_slices",
 ]
 
-#: Defaults: prune the least important fifth of (model, unit) pairs, mild weighting, plain λ.
-HILA_DEFAULTS: Mapping[str, float] = {"q": 0.2, "T": 1.0, "lambda": 1.0}
+#: Defaults: prune the least important fifth of (model, unit) pairs, mild weighting, plain λ,
+#: one quantile over the whole table.
+HILA_DEFAULTS: Mapping[str, float | bool] = {"q": 0.2, "T": 1.0, "lambda": 1.0, "per_model": False}
 
 #: Option → (low, high, log scale): the ranges a study searches q, T and λ over.
 SEARCH_RANGES: Mapping[str, tuple[float, float, bool]] = {
@@ -77,10 +81,12 @@ def hila_coefficients(
     *,
     q: float,
     T: float,
+    per_model: bool = False,
 ) -> dict[str, tuple[float, ...]]:
     """Unit name → each model's coefficient (in ``models`` order) before λ: 0 where pruned.
 
     Kept models' coefficients sum to 1 per unit (a softmax), so λ alone sets the step size.
+    ``per_model``: each model's importances in units of its own mean |I|, pruned at its own quantile.
     """
     if not 0.0 <= q <= 1.0:
         raise ConfigError(f"hila option q={q}: the pruning quantile must lie in [0, 1]")
@@ -91,7 +97,12 @@ def hila_coefficients(
         return {}
     if not torch.isfinite(table).all():
         raise ConfigError("hila: the importance table holds a NaN or infinite value; measure importance again")
-    keep = table >= torch.quantile(table.flatten(), q)  # strictly below the q-quantile: pruned
+    if per_model:
+        rows = table.abs().mean(dim=1, keepdim=True)
+        table = table / torch.where(rows > 0, rows, 1.0)
+        keep = table >= torch.quantile(table, q, dim=1, keepdim=True)
+    else:
+        keep = table >= torch.quantile(table.flatten(), q)  # strictly below the q-quantile: pruned
     scale = float(table.abs().mean()) or 1.0
     logits = torch.zeros_like(table) if math.isinf(T) else table / (scale * T)
     logits = logits.masked_fill(~keep, -math.inf)
@@ -106,14 +117,14 @@ class HilaMerge:
     """HILA over one importance table: a :data:`~optimizer.merge._registry.MergeFn`.
 
     ``models`` is the plan's model order (the merge fn receives deltas by position, not name).
-    Options read: ``q``, ``T``, ``lambda``.
+    Options read: ``q``, ``T``, ``lambda``, ``per_model``.
     """
 
     importance: Mapping[str, Mapping[str, float]]
     models: tuple[str, ...]
     units: tuple[Unit, ...]
     _by_tensor: dict[str, list[tuple[str, TensorSlice]]] = field(init=False, repr=False, compare=False)
-    _tables: dict[tuple[float, float], dict[str, tuple[float, ...]]] = field(
+    _tables: dict[tuple[float, float, bool], dict[str, tuple[float, ...]]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
 
@@ -136,12 +147,14 @@ class HilaMerge:
                 by_tensor.setdefault(s.tensor, []).append((u.name, s))
         object.__setattr__(self, "_by_tensor", by_tensor)
 
-    def coefficients(self, q: float, T: float) -> dict[str, tuple[float, ...]]:
-        """:func:`hila_coefficients` of this table, computed once per (q, T) (every tensor asks)."""
-        key = (float(q), float(T))
+    def coefficients(self, q: float, T: float, per_model: bool = False) -> dict[str, tuple[float, ...]]:
+        """:func:`hila_coefficients` of this table, computed once per (q, T, per_model) (every tensor asks)."""
+        key = (float(q), float(T), bool(per_model))
         if key not in self._tables:
             names = [u.name for u in self.units]
-            self._tables[key] = hila_coefficients(self.importance, self.models, names, q=key[0], T=key[1])
+            self._tables[key] = hila_coefficients(
+                self.importance, self.models, names, q=key[0], T=key[1], per_model=key[2]
+            )
         return self._tables[key]
 
     def __call__(
@@ -161,14 +174,15 @@ class HilaMerge:
             )
         if not base.is_floating_point() or not deltas:
             return base.clone()
-        lam, q, T = (number_option(options, key, HILA_DEFAULTS[key], "hila") for key in ("lambda", "q", "T"))
+        lam, q, T = (number_option(options, key, float(HILA_DEFAULTS[key]), "hila") for key in ("lambda", "q", "T"))
+        per_model = bool(options.get("per_model", HILA_DEFAULTS["per_model"]))
         work = work_dtype(base)
         b = base.to(work)
         scaled = [tau.to(work) * p.weight for tau, p in zip(deltas, params, strict=True)]
         merged = b + (lam / len(scaled)) * torch.stack(scaled).sum(0)  # units overwrite their slices below
         slices = self._by_tensor.get(name, [])
         if slices:
-            table = self.coefficients(q, T)
+            table = self.coefficients(q, T, per_model)
             for unit, s in slices:
                 if not s.fits(base.shape):
                     raise ConfigError(

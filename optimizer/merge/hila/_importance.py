@@ -188,7 +188,7 @@ def importance_exact(
     *,
     units: Sequence[Unit] | None = None,
     batch_size: int = 16,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | torch.dtype = "float32",
     prompt_field: str = "prompt",
     target_field: str = "target",
@@ -197,9 +197,9 @@ def importance_exact(
 
     ``golden[m]`` are specialist m's golden rows (:func:`objectives.golden.golden_by_specialist`):
     a model is judged on what its own task vector was trained to do. Costs (units + 1) passes over
-    the golden data per model: seconds for the zoo, hours for a 7B model with 40 units a layer,
-    where :func:`importance_first_order` is the practical choice. float32 by default, because
-    importances are differences of nearby losses.
+    the golden data per model: seconds for the zoo, hours for a 7B model with 40 units a layer on
+    a CPU, where :func:`importance_first_order` is the practical choice. On a GPU when there is one
+    (``device="auto"``), float32 by default, because importances are differences of nearby losses.
     """
     probe = _Probe(models, device=device, dtype=torch_dtype(dtype))
     chosen = probe.units(units)
@@ -224,7 +224,7 @@ def importance_first_order(
     units: Sequence[Unit] | None = None,
     at: float = 1.0,
     batch_size: int = 16,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | torch.dtype = "float32",
     prompt_field: str = "prompt",
     target_field: str = "target",
