@@ -52,7 +52,17 @@ from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / ".work" / "methods"
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "regmean", "widen", "hila")
+METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "breadcrumbs_ties",
+    "regmean",
+    "widen",
+    "hila",
+    "multislerp",
+)
 
 
 #: Hi-Merging's procedure in each variant (the rounds are the same: 2).
@@ -214,8 +224,7 @@ def main() -> None:
             }
         else:
             held = _held_out(engine, prep, _default_plan(method, models.names, prep))
-            row["options"] = dict(prep.config.options)
-            row["defaults"] = {"held_out": held, "gain": _gain(held, base, spec)}
+            row["defaults"] = {"held_out": held, "gain": _gain(held, base, spec), "options": dict(prep.config.options)}
             if not _searchable(method):
                 results[method] = row
                 print(f"{method}: normalized gain {row['defaults']['gain']} (defaults only)", flush=True)

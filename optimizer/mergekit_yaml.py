@@ -48,6 +48,8 @@ _OPTION_TYPES: dict[str, type] = {
     "filter_wise": bool,
     "select_topk": float,
     "epsilon": float,
+    "normalize_weights": bool,
+    "eps": float,
 }
 # mergekit's generalized task arithmetic methods: they read normalize and rescale.
 _GENERALIZED = frozenset(

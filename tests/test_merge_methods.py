@@ -441,3 +441,27 @@ def test_della_keeps_large_entries_more_often_and_is_unbiased() -> None:
     assert torch.allclose(kept.mean(dim=0), tau[0], rtol=0.1)
     wide = magnitude_sampled(tau, 0.1, 0.3, torch.Generator().manual_seed(0), rescale=True)  # ε capped at 0.1
     assert torch.isfinite(wide).all() and (wide != 0).float().mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_multislerp_keeps_the_length_a_linear_mean_loses() -> None:
+    base = torch.zeros(2, 2)
+    a, b = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 0.0]])
+    method = get_method("multislerp")
+    assert method.merge is not None
+
+    def merge(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        params = [ModelParams(w) for w in weights]
+        return method.merge("t", base, deltas, params, dict(method.options), torch.Generator())
+
+    # Orthogonal task vectors of length 2 at equal weights: the point halfway along their great
+    # circle, still of length 2 (their plain mean has length √2).
+    torch.testing.assert_close(merge([a, b], [1.0, 1.0]), torch.tensor([[2**0.5, 2**0.5], [0.0, 0.0]]))
+    assert (a + b).div(2).norm() == pytest.approx(2**0.5)
+    # Weights are shares: (3, 1) is (0.75, 0.25) and leans toward a; one model alone is its τ.
+    leaning = merge([a, b], [3.0, 1.0])
+    assert leaning[0, 0] > leaning[0, 1] > 0 and leaning.norm().item() == pytest.approx(2.0)
+    torch.testing.assert_close(merge([a], [0.4]), a)
+    # Opposite task vectors at equal weights have no mean direction: the weighted sum (0), not NaN.
+    torch.testing.assert_close(merge([a, -a], [1.0, 1.0]), base)
+    # No weight at all keeps the base.
+    torch.testing.assert_close(merge([a, b], [0.0, 0.0]), base)

@@ -104,6 +104,8 @@ CASES = [
     ("ties", {"rescale": True, "lambda": 0.8}),
     ("breadcrumbs", {"gamma": 0.05}),
     ("breadcrumbs_ties", {"normalize": True}),
+    ("multislerp", {}),
+    ("multislerp", {"normalize_weights": False}),
 ]
 
 

@@ -14,6 +14,7 @@ from optimizer.merge import (  # noqa: F401  (registration)
     hila,
     linear,
     model_stock,
+    multislerp,
     regmean,
     sce,
     task_arithmetic,
