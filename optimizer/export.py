@@ -157,7 +157,10 @@ def mergekit_gap(method: MergeMethod, family: Family, plan: MergePlan) -> str | 
                 " this plan has (mergeopt narrows epsilon there)"
             )
     if any(is_expert_scope(scope) for scope in plan.params):
-        return "mergekit holds a layer's experts as one tensor, so it cannot give each expert its own coefficients"
+        return (
+            "mergekit holds a layer's experts as one tensor, so it cannot give an expert (or the router)"
+            " coefficients of its own"
+        )
     if family.experts and method.uses_density:
         return (
             f"mergekit ranks the top-k share of `{method.name}` over all experts of a layer at once"

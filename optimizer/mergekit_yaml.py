@@ -168,8 +168,8 @@ def _check_scopes(plan: MergePlan, num_layers: int) -> None:
     for scope in plan.params:
         if is_expert_scope(scope):
             raise ConfigError(
-                f"plan scope {scope!r} gives one expert its own coefficients; mergekit holds a layer's"
-                " experts as one tensor and cannot express it (export the model with mergeopt instead)"
+                f"plan scope {scope!r} gives one expert (or the router) its own coefficients; mergekit holds a"
+                " layer's experts as one tensor and cannot express it (export the model with mergeopt instead)"
             )
         for model in plan.models:
             if not scope.startswith(model + "."):

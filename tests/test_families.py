@@ -443,6 +443,18 @@ def test_an_experts_scope_steers_that_expert_alone(tiny) -> None:
     torch.testing.assert_close(apart[name], want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("family", "router"),
+    [("mixtral", ["block_sparse_moe.gate"]), ("qwen2_moe", ["mlp.gate", "mlp.shared_expert_gate"])],
+)
+def test_a_router_scope_steers_the_router_alone(tiny, family: str, router: list[str]) -> None:
+    models = tiny(family)
+    joint = _ours(models, MergePlan("task_arithmetic", MODELS, PLAN))
+    apart = _ours(models, MergePlan("task_arithmetic", MODELS, {**PLAN, "math.L01.mlp.router": ModelParams(0.0)}))
+    changed = sorted(n for n in joint if not torch.equal(joint[n], apart[n]))
+    assert changed == sorted(f"model.layers.1.{r}.weight" for r in router)
+
+
 def test_a_study_can_search_each_expert_apart_and_export_it(tiny, tmp_path: Path) -> None:
     """``experts: each``: every expert of every layer is a parameter; the export merges what the
     trial's plan says, expert by expert, and ships no mergekit.yaml (mergekit cannot say it)."""

@@ -27,11 +27,12 @@ class ModelParams:
     density: float = 1.0
 
 
-_EXPERT_SCOPE = re.compile(r"\.mlp\.e\d+$")
+_EXPERT_SCOPE = re.compile(r"\.mlp\.(?:e\d+|router)$")
 
 
 def is_expert_scope(scope: str) -> bool:
-    """Whether ``scope`` gives one expert of a mixture-of-experts layer its own params (``m.L03.mlp.e05``)."""
+    """Whether ``scope`` gives one expert of a mixture-of-experts layer, or its router, params of their
+    own (``m.L03.mlp.e05``, ``m.L03.mlp.router``)."""
     return _EXPERT_SCOPE.search(scope) is not None
 
 
@@ -41,8 +42,10 @@ def scopes_for(model: str, info: TensorInfo) -> tuple[str, ...]:
         return (f"{model}.{info.kind}", model)
     lk = layer_key(info.layer)
     scopes = (f"{model}.{lk}.{info.kind}", f"{model}.{lk}", f"{model}.{info.kind}", model)
-    if info.expert is not None:  # an expert of a mixture-of-experts layer: L03.mlp.e5 first
+    if info.expert is not None:  # an expert of a mixture-of-experts layer: L03.mlp.e05 first
         return (f"{model}.{lk}.{info.kind}.{expert_key(info.expert)}", *scopes)
+    if info.role == "router":  # a mixture-of-experts router (and gate of shared experts): L03.mlp.router
+        return (f"{model}.{lk}.{info.kind}.router", *scopes)
     return scopes
 
 
