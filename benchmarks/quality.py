@@ -13,6 +13,11 @@ Settings (``--setting``):
 - ``layer``: TIES per layer (36 parameters) — more freedom to keep each specialist's layers.
 
     .venv/bin/python benchmarks/quality.py [--setting demo|layer] [--trials 120] [--method ties]
+        [--calibration-split train|search]
+
+A method that measures the models first (RegMean's Grams, HILA's importances) measures them once,
+beside the temporary study; ``--calibration-split search`` measures RegMean on the search examples
+the study scores, as mergeopt did before issue 22.
 
 Each setting's result is stored under ``<setting>/<method>`` in ``results/quality.json``
 (``<method>-<trials>trials-<limit>examples`` when those differ from the defaults, ``-seed<N>`` for
@@ -41,7 +46,7 @@ from optimizer.config import config_from_dict  # noqa: E402
 from optimizer.engines import make_engine  # noqa: E402
 from optimizer.report import balanced_pick  # noqa: E402
 from optimizer.report.rows import collect_rows  # noqa: E402
-from optimizer.search.prepare import prepare  # noqa: E402
+from optimizer.search.prepare import measured, prepare  # noqa: E402
 from optimizer.search.study import open_study  # noqa: E402
 from optimizer.search.trials import run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
@@ -59,17 +64,22 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64, help="search examples per task (the demo's)")
     parser.add_argument("--held-out", type=int, default=256, help="held-out examples per task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration-split", default="train", help="the text RegMean measures its Grams on")
     args = parser.parse_args()
     zoo = default_zoo_dir()
     build_zoo(zoo)
     raw = _config(zoo, "model" if args.setting == "demo" else "layer", limit=args.limit, held_out=args.held_out)
     raw["method"] = args.method
     raw["search"] = {"seed": args.seed, "baselines": True}
+    for objective in raw["objectives"]:
+        objective["calibration_split"] = args.calibration_split
+    if args.calibration_split == "search":  # the examples the old Grams were measured on, no more
+        raw["calibration"] = {"examples": args.limit}
     (ROOT / "studies").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=ROOT / "studies") as tmp:
         config = config_from_dict({**raw, "name": "quality", "storage": f"sqlite:///{tmp}/quality.db"})
-        prepared = prepare(config)
+        prepared = measured(prepare(config), say=print)  # a method's study data, beside the study
         engine = make_engine("vllm", prepared.models)
         try:
             study, prepared = open_study(prepared)
@@ -104,6 +114,8 @@ def main() -> None:
         key += f"-{args.trials}trials-{args.limit}examples"  # a longer or finer study beside the default one
     if args.seed != parser.get_default("seed"):
         key += f"-seed{args.seed}"  # another seed of the same study, to see the spread
+    if args.calibration_split != parser.get_default("calibration_split"):
+        key += f"-calibration-{args.calibration_split}"
     stored.setdefault(args.setting, {})[key] = _clean(result)
     path.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"{'member':28s} " + " ".join(f"{t:>14s}" for t in tasks))
