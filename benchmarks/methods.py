@@ -49,6 +49,7 @@ from optimizer.search.study import make_sampler  # noqa: E402
 from optimizer.search.trials import run_trials  # noqa: E402
 from optimizer.zoo import build_zoo, default_zoo_dir  # noqa: E402
 from optimizer.zoo.build import ZOO_VERSION  # noqa: E402
+from optimizer.zoo.real import REAL_ZOO_VERSION  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / ".work" / "methods"
@@ -83,6 +84,23 @@ def _variant(config: dict, method: str, variant: str, limit: int) -> dict:
     if method == "hila":
         return {**config, "options": {"per_model": True}}
     return config
+
+
+def _real_config(method: str, *, limit: int, held_out: int, trials: int, work: Path) -> dict:
+    """``configs/real.yaml``'s objectives (chat prompts on SmolLM2's zoo) with model-wise coefficients."""
+    from optimizer.config import load_config
+
+    raw = json.loads(load_config(ROOT / "configs" / "real.yaml").model_dump_json())
+    for objective in raw["objectives"]:
+        objective.update({"limit": limit, "held_out_limit": held_out})
+    return {
+        **raw,
+        "name": f"bench-{method}",
+        "method": method,
+        "granularity": "model",
+        "search": {"trials": max(trials, 1), "seed": 0, "baselines": False},
+        "storage": f"sqlite:///{work / 'study.db'}",
+    }
 
 
 def _config(zoo: Path, method: str, *, limit: int, held_out: int, trials: int, work: Path) -> dict:
@@ -154,13 +172,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 trials, 8 search examples: a smoke run")
     parser.add_argument("--out", default=None, help="results file name (default methods.json, methods-quick.json)")
     parser.add_argument("--variant", choices=tuple(HI_MERGING), default="default", help="the seed methods' settings")
+    parser.add_argument("--zoo", choices=("tiny", "real"), default="tiny", help="real: the SmolLM2 zoo (--trials 0)")
     args = parser.parse_args()
     if args.quick:
         args.trials, args.limit, args.held_out = 4, 8, 32
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     zoo = default_zoo_dir()
-    build_zoo(zoo)
+    make = _config
+    if args.zoo == "real":  # SmolLM2: a trial costs ~20 s on 2 cores, so defaults only are the practical run
+        from optimizer.zoo.real import build_real_zoo, default_real_zoo_dir
+
+        build_real_zoo(default_real_zoo_dir(), log=print)
+        make = lambda _zoo, method, **kw: _real_config(method, **kw)  # noqa: E731
+    else:
+        build_zoo(zoo)
     work = WORK if args.variant == "default" else WORK.with_name(f"methods-{args.variant}")
+    if args.zoo == "real":
+        work = work.with_name(work.name + "-real")
     work.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
     # A method with nothing to search (Model Stock) is refused as a study's method: its tasks are
@@ -168,7 +196,7 @@ def main() -> None:
     cfgs = {
         m: config_from_dict(
             _variant(
-                _config(
+                make(
                     zoo,
                     m if _searchable(m) else "linear",
                     limit=args.limit,
@@ -225,7 +253,7 @@ def main() -> None:
         else:
             held = _held_out(engine, prep, _default_plan(method, models.names, prep))
             row["defaults"] = {"held_out": held, "gain": _gain(held, base, spec), "options": dict(prep.config.options)}
-            if not _searchable(method):
+            if not _searchable(method) or args.trials == 0:
                 results[method] = row
                 print(f"{method}: normalized gain {row['defaults']['gain']} (defaults only)", flush=True)
                 continue
@@ -248,7 +276,8 @@ def main() -> None:
     engine.close()
     out = {
         "date": time.strftime("%Y-%m-%d"),
-        "zoo_version": ZOO_VERSION,
+        "zoo": args.zoo,
+        "zoo_version": ZOO_VERSION if args.zoo == "tiny" else REAL_ZOO_VERSION,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
         "engine": args.engine,
         "variant": args.variant,
