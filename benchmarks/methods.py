@@ -19,6 +19,8 @@ Grams and HILA's golden data and importances are measured once, beside the work 
 folder of its own: RegMean's Grams on the search examples with α = 0.9 (mergeopt's earlier
 default), Hi-Merging's per-model grid with probes at the models' own scales and the embedding
 and head probed (mergeopt's earlier procedure), HILA pruned at per-model quantiles.
+``--variant alpha09``: RegMean on its calibration text (the default) with α = 0.9, which tells
+the two changes to RegMean's defaults apart.
 
     .venv/bin/python benchmarks/methods.py [--trials 24] [--engine vllm|hf] [--quick] [--methods a,b]
         [--variant default|alt] [--out F]
@@ -70,6 +72,7 @@ METHODS = (
 HI_MERGING = {
     "default": {"rounds": 2},  # the authors': shared pair on the 10 × 10 grid, their probes, decoder layers
     "alt": {"rounds": 2, "grid": (0.3, 0.7, 1.0), "model_wise": "per_model", "probes": "scaled", "pseudo_layers": True},
+    "alpha09": {"rounds": 2},
 }
 
 
@@ -77,6 +80,8 @@ def _variant(config: dict, method: str, variant: str, limit: int) -> dict:
     """``config`` with ``variant``'s settings for ``method`` (the defaults: unchanged)."""
     if variant == "default":
         return config
+    if variant == "alpha09":
+        return {**config, "options": {"alpha": 0.9}} if method == "regmean" else config
     if method == "regmean":  # the Grams on the search examples the study scores, α 0.9
         for objective in config["objectives"]:
             objective["calibration_split"] = "search"
