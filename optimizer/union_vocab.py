@@ -35,11 +35,12 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from optimizer.adapters import Adapter
+from optimizer.adapters import Adapter, is_adapter
 from optimizer.atomic import building_dir
 from optimizer.checkpoints import ModelSet, model_config, read_shapes, weight_files
 from optimizer.errors import ConfigError, ModelError
@@ -57,8 +58,6 @@ _VERSION = 1
 
 def union_plan(models: ModelSet) -> dict[str, list[str]]:
     """Added token → the full-checkpoint specialists that have it, in union order (empty: no union)."""
-    from optimizer.adapters import is_adapter
-
     full = {name: path for name, path in models.specialists.items() if not is_adapter(path)}
     return union_tokens(models.base, full)
 
@@ -106,8 +105,6 @@ def union_models(models: ModelSet, study_dir: Path, say: Callable[[str], None] =
     plan = union_plan(models)
     if not plan:
         return models
-    from dataclasses import replace
-
     return replace(models, base=union_base(models, plan, Path(study_dir) / UNION_DIR, say))
 
 

@@ -508,6 +508,39 @@ def test_a_specialist_that_added_tokens_merges_over_the_union_vocabulary(
         torch.testing.assert_close(fresh(prompt).logits, logits, atol=1e-5, rtol=0)
 
 
+def test_two_specialists_that_added_tokens_merge_each_token_among_its_holders(unpadded, tmp_path: Path) -> None:
+    """math adds <|think|> and <|sql|>, chat <|tool|> and <|think|>: <|think|> is id 259 in math and 260
+    in chat. The union (models in order, each one's tokens by id) is <|think|> 259, <|sql|> 260,
+    <|tool|> 261; a token one model has keeps its row, <|think|> is the holders' mean plus each one's
+    weighted deviation from it (task arithmetic), in the engine and the export alike."""
+    from optimizer.engines.hf_engine import HFEngine
+    from optimizer.export import merged_stream
+    from optimizer.union_vocab import union_models
+
+    math = _with_added_tokens(unpadded.specialists["math"], tmp_path / "math", ["<|think|>", "<|sql|>"], seed=8)
+    chat = _with_added_tokens(unpadded.specialists["code"], tmp_path / "chat", ADDED)
+    union = union_models(ModelSet(unpadded.base, {"math": math, "chat": chat}), tmp_path / "study")
+    ids = _vocab_of(union.base)
+    assert [ids[t] for t in ("<|think|>", "<|sql|>", "<|tool|>")] == [259, 260, 261]
+    plan = MergePlan("task_arithmetic", ("math", "chat"), {"math": ModelParams(0.3), "chat": ModelParams(0.9)})
+    name = "lm_head.weight"
+    m, c = load_state_dict(math)[name], load_state_dict(chat)[name]
+    mean = (m[259] + c[260]) / 2
+    want = {
+        259: mean + 0.3 * (m[259] - mean) + 0.9 * (c[260] - mean),
+        260: m[260],
+        261: c[259],
+    }
+    exported = dict(merged_stream(plan, union).tensors)[name]
+    with HFEngine(union, device="cpu") as engine:
+        engine.apply_plan(plan)
+        live = engine.model.lm_head.weight.detach()
+    for got in (live, exported):
+        assert got.shape[0] == 262
+        for row, expected in want.items():
+            torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=0)
+
+
 def test_vllm_merges_over_the_union_vocabulary_as_transformers_does(unpadded, tmp_path: Path) -> None:
     """The union base (259 rows grown to 261, vocab_size with them) in a live vLLM engine: its
     tokenizer reads each new token as one id and a TIES merge scores what the transformers engine
@@ -533,8 +566,9 @@ def test_vllm_merges_over_the_union_vocabulary_as_transformers_does(unpadded, tm
 
 
 def test_a_study_with_a_specialist_that_added_tokens_searches_and_exports_the_union(tiny, tmp_path: Path) -> None:
-    """Through the CLI (transformers engine): search builds the union base once in the study folder,
-    export ships the union tokenizer and says why there is no mergekit.yaml."""
+    """Through the CLI (transformers engine): search builds the union base once in the study folder
+    (a resumed search and the export reuse it), export ships the union tokenizer and says why there
+    is no mergekit.yaml."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     models = tiny("qwen3")
@@ -546,6 +580,7 @@ def test_a_study_with_a_specialist_that_added_tokens_searches_and_exports_the_un
     assert "union vocabulary" in proc.stdout
     union = db.parent / "union_base"
     built = (union / "model.safetensors").stat().st_mtime_ns
+    run_cli("search", str(path), cwd=tmp_path, check=True)  # resumed: the same union base, the same fingerprint
     out = tmp_path / "export"
     run_cli("export", str(db), "--trial", "1", "--out", str(out), cwd=tmp_path, check=True)
     assert (union / "model.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
