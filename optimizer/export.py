@@ -221,7 +221,7 @@ def export_trial(
     if no_mergekit is None and merge_base != base_dir:
         no_mergekit = (
             "the specialists added tokens: mergeopt merged over its own union vocabulary, and mergekit builds"
-            " its union tokenizer its own way (its token ids and padding rows differ)"
+            " its own (`tokenizer_source: union`), not checked to give the same token ids and rows"
         )
     if no_mergekit is None:
         from optimizer.mergekit_yaml import to_yaml
