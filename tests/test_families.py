@@ -508,6 +508,36 @@ def test_a_specialist_that_added_tokens_merges_over_the_union_vocabulary(
         torch.testing.assert_close(fresh(prompt).logits, logits, atol=1e-5, rtol=0)
 
 
+def test_a_sharded_bases_union_rewrites_only_the_shards_of_the_embedding_and_head(unpadded, tmp_path: Path) -> None:
+    """The union base links the base's other shards and keeps its index; transformers loads it whole."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimizer.union_vocab import union_models
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(str(unpadded.base), dtype=torch.float32).save_pretrained(
+        str(base), max_shard_size="300KB"
+    )
+    AutoTokenizer.from_pretrained(str(unpadded.base)).save_pretrained(str(base))
+    chat = _with_added_tokens(unpadded.specialists["code"], tmp_path / "chat", ADDED)
+    union = union_models(ModelSet(base, {"math": unpadded.specialists["math"], "chat": chat}), tmp_path / "study")
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    vocab_files = {index[n] for n in ("model.embed_tokens.weight", "lm_head.weight")}
+    shards = sorted(union.base.glob("*.safetensors"))
+    assert len(shards) > len(vocab_files) >= 1
+    assert {p.name for p in shards if not p.is_symlink()} == vocab_files
+    assert json.loads((union.base / "model.safetensors.index.json").read_text())["weight_map"] == index
+    loaded = AutoModelForCausalLM.from_pretrained(str(union.base), dtype=torch.float32)
+    state = load_state_dict(base)
+    for name, tensor in loaded.state_dict().items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert tensor.shape[0] == 261
+            torch.testing.assert_close(tensor[:259], state[name], atol=0, rtol=0)
+            torch.testing.assert_close(tensor[259:], load_state_dict(chat)[name][259:], atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(tensor, state[name], atol=0, rtol=0)
+
+
 def test_two_specialists_that_added_tokens_merge_each_token_among_its_holders(unpadded, tmp_path: Path) -> None:
     """math adds <|think|> and <|sql|>, chat <|tool|> and <|think|>: <|think|> is id 259 in math and 260
     in chat. The union (models in order, each one's tokens by id) is <|think|> 259, <|sql|> 260,
