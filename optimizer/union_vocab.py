@@ -7,7 +7,8 @@ a **union base**, built once per study in ``<study folder>/union_base``: the bas
 * ``tokenizer.json`` holding every added token after the base's own, in a fixed order (specialists
   in config order, each one's tokens by id; a token two specialists added is one token), with the
   first holder's settings (special or not, stripping, normalization); ``tokenizer_config.json``'s
-  ``added_tokens_decoder`` likewise where the base's has one;
+  ``added_tokens_decoder`` likewise where the base's has one, and its list of extra special tokens
+  with those a holder lists;
 * ``config.json``'s ``vocab_size`` raised where the new ids pass it;
 * the embedding and an untied LM head given a row for each added token: the **mean of the rows of
   the specialists that have it**. Each holder's task vector on that row is then its deviation from
@@ -191,6 +192,7 @@ def _build(models: ModelSet, plan: Mapping[str, list[str]], tmp: Path) -> None:
             for token, i in new_ids.items():
                 fields = {k: v for k, v in entries[token].items() if k not in ("id", "content")}
                 data["added_tokens_decoder"][str(i)] = {"content": token, **fields}
+        _special_lists(data, plan, {name: models.specialists[name] for name in settings})
         (tmp / "tokenizer_config.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     config = model_config(base)
@@ -205,6 +207,23 @@ def _build(models: ModelSet, plan: Mapping[str, list[str]], tmp: Path) -> None:
                 _write_index(item, tmp / item.name, grown)
             elif not item.name.endswith((".bin", ".pt", ".pth")):
                 shutil.copy2(item, tmp / item.name)
+
+
+def _special_lists(data: dict, plan: Mapping[str, list[str]], holders: Mapping[str, Path]) -> None:
+    """Add to the base's tokenizer_config ``data`` the added tokens its holders list as extra special
+    tokens (``extra_special_tokens``, or the older ``additional_special_tokens``)."""
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        listed: set[str] = set()
+        for path in holders.values():
+            config = path / "tokenizer_config.json"
+            value = json.loads(config.read_text()).get(key) if config.is_file() else None
+            if isinstance(value, list):
+                listed.update(v for v in value if isinstance(v, str))
+        extra = [token for token in plan if token in listed]
+        if extra:
+            value = data.get(key)
+            own: list = value if isinstance(value, list) else []
+            data[key] = [*own, *(t for t in extra if t not in own)]
 
 
 def _holder_rows(models: ModelSet, plan: Mapping[str, list[str]], tensor: str) -> dict[str, torch.Tensor]:

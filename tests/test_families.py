@@ -538,6 +538,26 @@ def test_a_sharded_bases_union_rewrites_only_the_shards_of_the_embedding_and_hea
             torch.testing.assert_close(tensor, state[name], atol=0, rtol=0)
 
 
+def test_an_added_special_token_stays_special_in_the_union_tokenizer(unpadded, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimizer.union_vocab import union_models
+
+    chat = tmp_path / "chat"
+    tokenizer = AutoTokenizer.from_pretrained(str(unpadded.specialists["code"]))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    model = AutoModelForCausalLM.from_pretrained(str(unpadded.specialists["code"]), dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(str(chat))
+    tokenizer.save_pretrained(str(chat))
+    union = union_models(ModelSet(unpadded.base, {"math": unpadded.specialists["math"], "chat": chat}), tmp_path / "s")
+    merged = AutoTokenizer.from_pretrained(str(union.base))
+    ids = merged.encode("a<|im_end|>b", add_special_tokens=False)
+    assert ids == [3 + ord("a"), 259, 3 + ord("b")]
+    assert merged.decode(ids, skip_special_tokens=True) == "ab"
+    assert "<|im_end|>" in merged.all_special_tokens
+
+
 def test_two_specialists_that_added_tokens_merge_each_token_among_its_holders(unpadded, tmp_path: Path) -> None:
     """math adds <|think|> and <|sql|>, chat <|tool|> and <|think|>: <|think|> is id 259 in math and 260
     in chat. The union (models in order, each one's tokens by id) is <|think|> 259, <|sql|> 260,
