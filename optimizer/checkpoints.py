@@ -17,7 +17,7 @@ import torch
 from optimizer.adapters import Adapter, is_adapter, read_adapter
 from optimizer.errors import ConfigError, ModelError
 from optimizer.low_rank import Delta
-from optimizer.vocab import check_added_tokens, is_vocab_tensor, tokenizer_rows, vocab_delta
+from optimizer.vocab import RowMap, added_tokens, is_vocab_tensor, shown_tokens, vocab_delta, vocab_rows
 
 __all__ = [
     "DTYPES",
@@ -170,13 +170,15 @@ def check_compatible(
     base: Mapping[str, torch.Tensor | tuple[int, ...]],
     other: Mapping[str, torch.Tensor | tuple[int, ...]],
     other_name: str,
-    vocab_rows: int | None = None,
+    vocab_rows: int | RowMap | None = None,
 ) -> None:
     """Refuse a specialist whose tensors differ from the base, naming the first offender.
 
     Takes tensors or bare shapes (from :func:`read_shapes`), so configs are checked before
     any weight is loaded. With ``vocab_rows`` (the base tokenizer's rows), the embedding and LM
-    head may differ in padding rows past it (see :mod:`optimizer.vocab`).
+    head may differ in padding rows past it; with a :class:`~optimizer.vocab.RowMap` (another
+    tokenizer), in any rows, as long as both hold every token row the map names (see
+    :mod:`optimizer.vocab`).
     """
     for name, tensor in base.items():
         if name not in other:
@@ -185,7 +187,14 @@ def check_compatible(
                 " fine-tunes of the same base architecture"
             )
         mine, theirs = _shape(tensor), _shape(other[name])
-        if vocab_rows is not None and is_vocab_tensor(name) and mine[1:] == theirs[1:] and mine != theirs:
+        if isinstance(vocab_rows, RowMap) and is_vocab_tensor(name) and mine[1:] == theirs[1:]:
+            if not vocab_rows.fits(mine[0], theirs[0]):
+                raise ModelError(
+                    f"model {other_name!r}: tensor {name!r} has {theirs[0]} rows and the base {mine[0]}, fewer"
+                    " than their tokenizers' ids need; save it after model.resize_token_embeddings(len(tokenizer))"
+                )
+            continue
+        if isinstance(vocab_rows, int) and is_vocab_tensor(name) and mine[1:] == theirs[1:] and mine != theirs:
             if min(mine[0], theirs[0]) < vocab_rows:
                 raise ModelError(
                     f"model {other_name!r}: tensor {name!r} has {theirs[0]} rows and the base {mine[0]},"
@@ -206,21 +215,34 @@ def check_compatible(
 
 
 def check_specialist(
-    path: Path, name: str, base_shapes: Mapping[str, tuple[int, ...]], base_dir: Path | None = None
+    path: Path,
+    name: str,
+    base_shapes: Mapping[str, tuple[int, ...]],
+    base_dir: Path | None = None,
+    *,
+    added_ok: bool = False,
 ) -> Adapter | None:
     """Refuse a specialist that does not fit the base, from headers alone; its :class:`Adapter` if it is one.
 
-    With ``base_dir``, a full checkpoint's tokenizer is compared with the base's (added tokens are
-    refused) and its embedding may differ from the base's in padding rows.
+    With ``base_dir``, a full checkpoint's tokenizer is compared with the base's: its embedding may
+    differ from the base's in padding rows, or, with another tokenizer, in the rows the two place by
+    token. Tokens the base lacks are refused unless ``added_ok`` (a study's check against the user's
+    base, before it builds the union vocabulary: :mod:`optimizer.union_vocab`).
     """
     if is_adapter(path):
+        added = added_tokens(base_dir, path) if base_dir is not None else []
+        if added:
+            raise ModelError(
+                f"adapter {name!r} adds tokens the base's tokenizer lacks ({shown_tokens(added)}); mergeopt"
+                " builds the union vocabulary from full checkpoints only: merge the adapter into its base"
+                " (peft's merge_and_unload, saved with its tokenizer) and name that folder instead"
+            )
         adapter = read_adapter(path, name)
         adapter.check_against(base_shapes, name)
         return adapter
     rows = None
     if base_dir is not None:
-        check_added_tokens(base_dir, path, name)
-        rows = tokenizer_rows(base_dir)
+        rows = vocab_rows(base_dir, path, name, added_ok=added_ok)
     check_compatible(base_shapes, read_shapes(path), name, rows)
     return None
 
@@ -232,7 +254,7 @@ def load_task_vector(
     *,
     dtype: torch.dtype = torch.float32,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
-    vocab_rows: int | None = None,
+    vocab_rows: int | RowMap | None = None,
 ) -> dict[str, Delta]:
     """τ = θ − θ₀ of one specialist, for every tensor of ``base`` (on ``base``'s devices).
 
@@ -240,6 +262,7 @@ def load_task_vector(
     never expanded here: merges expand one tensor at a time.
 
     The specialist must match ``shapes`` (the whole base's; by default ``base``'s own tensors).
+    ``vocab_rows`` places its embedding and head rows on the base's (:func:`optimizer.vocab.vocab_rows`).
     Its checkpoint is freed tensor by tensor as the deltas are formed, so loading N specialists
     never holds more than base + N task vectors + one checkpoint.
     """
@@ -255,12 +278,14 @@ def load_task_vector(
         name,
         vocab_rows,
     )
-    return {k: task_delta(state.pop(k), b, vocab_rows) for k, b in base.items()}
+    return {k: task_delta(state.pop(k), b, vocab_rows if is_vocab_tensor(k) else None) for k, b in base.items()}
 
 
-def task_delta(tensor: torch.Tensor, base: torch.Tensor, vocab_rows: int | None = None) -> torch.Tensor:
-    """θ − θ₀ of one tensor; on the base's rows where a vocabulary tensor differs in padding."""
-    if tensor.shape != base.shape and vocab_rows is not None:
+def task_delta(tensor: torch.Tensor, base: torch.Tensor, vocab_rows: int | RowMap | None = None) -> torch.Tensor:
+    """θ − θ₀ of one tensor. ``vocab_rows`` only for the embedding or head: with a row count, on the
+    base's rows where the tensors differ in padding; with a :class:`~optimizer.vocab.RowMap`, row by
+    token."""
+    if isinstance(vocab_rows, RowMap) or (tensor.shape != base.shape and vocab_rows is not None):
         return vocab_delta(tensor, base, vocab_rows)
     return tensor.to(base.device) - base
 
@@ -283,8 +308,8 @@ def load_task_vectors(
     base = {k: v.to(device) for k, v in state.items() if keep is None or k in keep}
     del state
     deltas: dict[str, list[Delta]] = {k: [] for k in base}
-    rows = tokenizer_rows(models.base)
     for name, path in models.specialists.items():
+        rows = vocab_rows(models.base, path, name)
         for k, tau in load_task_vector(base, path, name, dtype=dtype, shapes=shapes, vocab_rows=rows).items():
             deltas[k].append(tau)
     return base, deltas

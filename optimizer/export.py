@@ -3,9 +3,10 @@
 The merged weights are rebuilt from the plan stored with the trial (not from its parameters),
 with the same merge core the engine used, and written next to a copy of the base's config and
 tokenizer, a ``mergekit.yaml`` that rebuilds the same tensors with mergekit (for the methods
-mergekit has), ``mergeopt.json`` (the plan: our own reproducible config) and a model card. The
-directory appears atomically: it is assembled under a temporary name and renamed at the end, so a
-failed export leaves nothing that looks like a model.
+mergekit has), ``mergeopt.json`` (the plan: our own reproducible config) and a model card. A study
+whose specialists added tokens exports from its union base (:mod:`optimizer.union_vocab`), so the
+union tokenizer ships. The directory appears atomically: it is assembled under a temporary name
+and renamed at the end, so a failed export leaves nothing that looks like a model.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from optimizer.search import attrs
 from optimizer.search.storage import study_url
 from optimizer.search.study import load_study, located, study_config
 from optimizer.shards import DEFAULT_MAX_SHARD_BYTES, TensorStream, write_shards
-from optimizer.vocab import tokenizer_rows
+from optimizer.union_vocab import META as UNION_META
+from optimizer.union_vocab import union_models
+from optimizer.vocab import RowMap, is_vocab_tensor, vocab_rows
 
 __all__ = ["base_dtype", "export_study_trial", "export_trial", "get_trial", "merged_stream", "write_model_dir"]
 
@@ -93,7 +96,11 @@ def write_model_dir(
     try:
         with building_dir(out, umask_modes=True) as tmp:
             for item in Path(base_dir).iterdir():
-                skip = item.name.endswith(_WEIGHT_SUFFIXES) or "index.json" in item.name or item.name == "config.json"
+                skip = (
+                    item.name.endswith(_WEIGHT_SUFFIXES)
+                    or "index.json" in item.name
+                    or item.name in ("config.json", UNION_META)
+                )
                 if item.is_file() and not skip:
                     shutil.copy2(item, tmp / item.name)
             config = model_config(base_dir)
@@ -122,24 +129,24 @@ def merged_stream(plan: MergePlan, models: ModelSet, method: MergeMethod | None 
     """The merged model of ``plan`` as a stream, read from the checkpoints one tensor at a time."""
     base = CheckpointReader(models.base)
     shapes = read_shapes(models.base)
-    specialists: list[CheckpointReader | Adapter] = []
+    specialists: list[tuple[CheckpointReader | Adapter, int | RowMap | None]] = []
     for name in plan.models:  # the models may have changed on disk since the study scored them
         path = models.specialists[name]
-        specialists.append(check_specialist(path, name, shapes, models.base) or CheckpointReader(path))
+        adapter = check_specialist(path, name, shapes, models.base)
+        specialists.append((adapter or CheckpointReader(path), vocab_rows(models.base, path, name)))
     method = method or get_method(plan.method)
     options = resolved_options(method, plan)
     family = family_of(model_config(models.base))
-    rows = tokenizer_rows(models.base)
 
-    def delta(source: CheckpointReader | Adapter, name: str, b: torch.Tensor) -> Delta:
+    def delta(source: CheckpointReader | Adapter, rows: int | RowMap | None, name: str, b: torch.Tensor) -> Delta:
         if isinstance(source, Adapter):
             return source.delta(name, b, dtype=torch.float32, device="cpu")
-        return task_delta(source.get(name), b, rows)
+        return task_delta(source.get(name), b, rows if is_vocab_tensor(name) else None)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name in base.names():
             b = base.get(name)
-            deltas = [delta(s, name, b) for s in specialists]
+            deltas = [delta(s, rows, name, b) for s, rows in specialists]
             yield name, merge_tensor(plan, name, b, deltas, method, options, family)
 
     return TensorStream({name: shapes[name] for name in base.names()}, tensors())
@@ -195,8 +202,11 @@ def export_trial(
     plan = MergePlan.from_dict(trial.user_attrs[attrs.PLAN])
     base_dir = config.path(config.base)
     model_dirs = {name: config.model_path(name) for name in plan.models}
-    method = bind(plan.method, plan.models, config.study_dir(), base_dir)
-    merged = merged_stream(plan, ModelSet(base_dir, model_dirs), method)
+    # Specialists that added tokens: the study merged over its union base, whose tokenizer ships.
+    study_models = ModelSet(base_dir, {name: config.model_path(name) for name in config.models})
+    merge_base = union_models(study_models, config.study_dir()).base
+    method = bind(plan.method, plan.models, config.study_dir(), merge_base)
+    merged = merged_stream(plan, ModelSet(merge_base, model_dirs), method)
     values = dict(zip(study.metric_names or [], trial.values, strict=False))
     extra = {
         "study": study.study_name,
@@ -211,6 +221,11 @@ def export_trial(
     files: dict[str, str] = {}
     family = family_of(base_config)
     no_mergekit = mergekit_gap(get_method(plan.method), family, plan)
+    if no_mergekit is None and merge_base != base_dir:
+        no_mergekit = (
+            "the specialists added tokens: mergeopt merged over its own union vocabulary, and mergekit builds"
+            " its own (`tokenizer_source: union`), not checked to give the same token ids and rows"
+        )
     if no_mergekit is None:
         from optimizer.mergekit_yaml import to_yaml
 
@@ -235,7 +250,7 @@ def export_trial(
         storage_arg=storage_arg or f"studies/{study.study_name}",
         no_mergekit=no_mergekit,
     )
-    return write_model_dir(Path(out), base_dir, merged, extra, files, dtype=written, max_shard_bytes=max_shard_bytes)
+    return write_model_dir(Path(out), merge_base, merged, extra, files, dtype=written, max_shard_bytes=max_shard_bytes)
 
 
 def export_study_trial(

@@ -406,25 +406,294 @@ def test_a_specialist_without_the_bases_padding_rows_merges_on_the_tokenizers_ro
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-def test_a_specialist_that_added_tokens_is_one_line_naming_them(tiny, tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
+ADDED = ["<|tool|>", "<|think|>"]
+
+
+def _with_added_tokens(src: Path, dst: Path, tokens: list[str], seed: int = 7) -> Path:
+    """``src`` fine-tuned with ``tokens`` added: tokenizer.add_tokens, resize_token_embeddings (to
+    the tokenizer's length only where the rows run out, as a padded checkpoint keeps its padding),
+    the new tokens' embedding and head rows trained (random here), saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    tokenizer.add_tokens(tokens)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for token in tokens:
+            i = tokenizer.convert_tokens_to_ids(token)
+            for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.lm_head.weight)}.values():
+                weight[i] = torch.randn(weight.shape[1], generator=gen)
+    model.save_pretrained(str(dst))
+    tokenizer.save_pretrained(str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def unpadded(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny Llama models whose embedding has exactly the tokenizer's 259 rows, so added tokens grow it."""
+    return build_tiny_models(
+        tmp_path_factory.mktemp("unpadded"), names=MODELS, num_layers=2, vocab=259, delta_scale=0.05, tokenizer=True
+    )
+
+
+def _vocab_of(model_dir: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).get_vocab(with_added_tokens=True)
+
+
+@pytest.mark.parametrize("layout", ["padded", "unpadded", "tied"])
+def test_a_specialist_that_added_tokens_merges_over_the_union_vocabulary(
+    tiny, unpadded, layout: str, tmp_path: Path
+) -> None:
+    """The "chat" specialist is "code" with two tokens added (their rows trained). Over the union
+    vocabulary, in the transformers engine: the new tokens' rows are chat's own (the only holder) under
+    task arithmetic and TIES, the shared tokens' rows are what the same merge of math and code gives;
+    the export loads with the union tokenizer (each new token one id) and scores as the engine.
+    Padded: Qwen3 with 320 rows for 259 tokens (the new rows replace padding); unpadded: Llama with
+    259 rows (the union grows them and vocab_size); tied: Gemma 2 (no head of its own)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimizer.engines.hf_engine import HFEngine
+    from optimizer.export import merged_stream, write_model_dir
+    from optimizer.union_vocab import union_models
+
+    models = {"padded": tiny("qwen3"), "unpadded": unpadded, "tied": tiny("gemma2")}[layout]
+    chat = _with_added_tokens(models.specialists["code"], tmp_path / "chat", ADDED)
+    plain = ModelSet(models.base, {"math": models.specialists["math"], "code": models.specialists["code"]})
+    union = union_models(ModelSet(models.base, {"math": models.specialists["math"], "chat": chat}), tmp_path / "study")
+    assert union.base == tmp_path / "study" / "union_base"
+    ids, chat_ids = _vocab_of(union.base), _vocab_of(chat)
+    new = [ids[t] for t in ADDED]
+    assert new == [259, 260]
+    rows = 261 if layout == "unpadded" else 320
+    assert model_config(union.base)["vocab_size"] == rows
+
+    held = load_state_dict(chat)
+    heads = [n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in held]
+    assert len(heads) == (1 if layout == "tied" else 2)
+    flat = {m: ModelParams(p.weight, 1.0) for m, p in PLAN.items()}  # TIES keeps every entry: rows compare
+    renamed = {k.replace("code", "chat"): v for k, v in flat.items()}
+    prompt = torch.tensor([[1, 40, 259, 50, 260, 60, 259]])
+    for method in ("task_arithmetic", "ties"):
+        for params in (PLAN, flat):
+            plan = MergePlan(method, ("math", "chat"), {k.replace("code", "chat"): v for k, v in params.items()})
+            with HFEngine(union, device="cpu") as engine, torch.no_grad():
+                engine.apply_plan(plan)
+                live = {n: p.detach().clone() for n, p in engine.model.named_parameters() if n in heads}
+                logits = engine.model(prompt).logits
+            for name in heads:  # the new tokens' rows: the holder's own
+                assert live[name].shape[0] == rows
+                for token, i in zip(ADDED, new, strict=True):
+                    torch.testing.assert_close(live[name][i], held[name][chat_ids[token]], atol=1e-6, rtol=0)
+        with HFEngine(plain, device="cpu") as engine:  # the shared rows: as without the added tokens
+            engine.apply_plan(MergePlan(method, ("math", "code"), flat))
+            usual = {n: p.detach().clone() for n, p in engine.model.named_parameters() if n in heads}
+        with HFEngine(union, device="cpu") as engine:
+            engine.apply_plan(MergePlan(method, ("math", "chat"), renamed))
+            shared = {n: p.detach().clone() for n, p in engine.model.named_parameters() if n in heads}
+        for name in heads:
+            torch.testing.assert_close(shared[name][:259], usual[name][:259], atol=1e-6, rtol=0)
+            assert not torch.allclose(shared[name][:259], load_state_dict(models.base)[name][:259], atol=1e-3)
+
+    out = write_model_dir(tmp_path / "export", union.base, merged_stream(plan, union), {})
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert [tokenizer.encode(t, add_special_tokens=False) for t in ADDED] == [[259], [260]]
+    assert tokenizer.encode("a<|tool|>b", add_special_tokens=False) == [3 + ord("a"), 259, 3 + ord("b")]
+    fresh = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(prompt).logits, logits, atol=1e-5, rtol=0)
+
+
+def test_a_sharded_bases_union_rewrites_only_the_shards_of_the_embedding_and_head(unpadded, tmp_path: Path) -> None:
+    """The union base links the base's other shards and keeps its index; transformers loads it whole."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimizer.union_vocab import union_models
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(str(unpadded.base), dtype=torch.float32).save_pretrained(
+        str(base), max_shard_size="300KB"
+    )
+    AutoTokenizer.from_pretrained(str(unpadded.base)).save_pretrained(str(base))
+    chat = _with_added_tokens(unpadded.specialists["code"], tmp_path / "chat", ADDED)
+    union = union_models(ModelSet(base, {"math": unpadded.specialists["math"], "chat": chat}), tmp_path / "study")
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    vocab_files = {index[n] for n in ("model.embed_tokens.weight", "lm_head.weight")}
+    shards = sorted(union.base.glob("*.safetensors"))
+    assert len(shards) > len(vocab_files) >= 1
+    assert {p.name for p in shards if not p.is_symlink()} == vocab_files
+    assert json.loads((union.base / "model.safetensors.index.json").read_text())["weight_map"] == index
+    loaded = AutoModelForCausalLM.from_pretrained(str(union.base), dtype=torch.float32)
+    state = load_state_dict(base)
+    for name, tensor in loaded.state_dict().items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert tensor.shape[0] == 261
+            torch.testing.assert_close(tensor[:259], state[name], atol=0, rtol=0)
+            torch.testing.assert_close(tensor[259:], load_state_dict(chat)[name][259:], atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(tensor, state[name], atol=0, rtol=0)
+
+
+def test_an_added_special_token_stays_special_in_the_union_tokenizer(unpadded, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimizer.union_vocab import union_models
+
+    chat = tmp_path / "chat"
+    tokenizer = AutoTokenizer.from_pretrained(str(unpadded.specialists["code"]))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    model = AutoModelForCausalLM.from_pretrained(str(unpadded.specialists["code"]), dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(str(chat))
+    tokenizer.save_pretrained(str(chat))
+    union = union_models(ModelSet(unpadded.base, {"math": unpadded.specialists["math"], "chat": chat}), tmp_path / "s")
+    merged = AutoTokenizer.from_pretrained(str(union.base))
+    ids = merged.encode("a<|im_end|>b", add_special_tokens=False)
+    assert ids == [3 + ord("a"), 259, 3 + ord("b")]
+    assert merged.decode(ids, skip_special_tokens=True) == "ab"
+    assert "<|im_end|>" in merged.all_special_tokens
+
+
+def test_two_specialists_that_added_tokens_merge_each_token_among_its_holders(unpadded, tmp_path: Path) -> None:
+    """math adds <|think|> and <|sql|>, chat <|tool|> and <|think|>: <|think|> is id 259 in math and 260
+    in chat. The union (models in order, each one's tokens by id) is <|think|> 259, <|sql|> 260,
+    <|tool|> 261; a token one model has keeps its row, <|think|> is the holders' mean plus each one's
+    weighted deviation from it (task arithmetic), in the engine and the export alike."""
+    from optimizer.engines.hf_engine import HFEngine
+    from optimizer.export import merged_stream
+    from optimizer.union_vocab import union_models
+
+    math = _with_added_tokens(unpadded.specialists["math"], tmp_path / "math", ["<|think|>", "<|sql|>"], seed=8)
+    chat = _with_added_tokens(unpadded.specialists["code"], tmp_path / "chat", ADDED)
+    union = union_models(ModelSet(unpadded.base, {"math": math, "chat": chat}), tmp_path / "study")
+    ids = _vocab_of(union.base)
+    assert [ids[t] for t in ("<|think|>", "<|sql|>", "<|tool|>")] == [259, 260, 261]
+    plan = MergePlan("task_arithmetic", ("math", "chat"), {"math": ModelParams(0.3), "chat": ModelParams(0.9)})
+    name = "lm_head.weight"
+    m, c = load_state_dict(math)[name], load_state_dict(chat)[name]
+    mean = (m[259] + c[260]) / 2
+    want = {
+        259: mean + 0.3 * (m[259] - mean) + 0.9 * (c[260] - mean),
+        260: m[260],
+        261: c[259],
+    }
+    exported = dict(merged_stream(plan, union).tensors)[name]
+    with HFEngine(union, device="cpu") as engine:
+        engine.apply_plan(plan)
+        live = engine.model.lm_head.weight.detach()
+    for got in (live, exported):
+        assert got.shape[0] == 262
+        for row, expected in want.items():
+            torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=0)
+
+
+def test_vllm_merges_over_the_union_vocabulary_as_transformers_does(unpadded, tmp_path: Path) -> None:
+    """The union base (259 rows grown to 261, vocab_size with them) in a live vLLM engine: its
+    tokenizer reads each new token as one id and a TIES merge scores what the transformers engine
+    scores, on requests that use the new tokens."""
+    from optimizer.engines.hf_engine import HFEngine
+    from optimizer.engines.vllm_engine import VLLMEngine
+    from optimizer.union_vocab import union_models
+
+    chat = _with_added_tokens(unpadded.specialists["code"], tmp_path / "chat", ADDED)
+    union = union_models(ModelSet(unpadded.base, {"math": unpadded.specialists["math"], "chat": chat}), tmp_path / "s")
+    plan = MergePlan("ties", ("math", "chat"), {k.replace("code", "chat"): v for k, v in PLAN.items()})
+    requests = [("<|tool|> rev: abcd =", " dcba<|think|>"), ("sort: dcab <|think|>", " abcd"), ("add: 12+30 =", " 42")]
+    with HFEngine(union, device="cpu") as hf:
+        hf.apply_plan(plan)
+        expected = [ll.logprob for ll in hf.loglikelihood(requests)]
+    with VLLMEngine(union) as engine:
+        assert engine.tokenizer.encode("<|tool|>", add_special_tokens=False) == [259]
+        fresh = [ll.logprob for ll in engine.loglikelihood(requests)]
+        engine.apply_plan(plan)
+        merged = [ll.logprob for ll in engine.loglikelihood(requests)]
+    assert merged == pytest.approx(expected, abs=1e-3)
+    assert merged != pytest.approx(fresh, abs=0.1)  # the merge changed the live weights
+
+
+def test_a_study_with_a_specialist_that_added_tokens_searches_and_exports_the_union(tiny, tmp_path: Path) -> None:
+    """Through the CLI (transformers engine): search builds the union base once in the study folder
+    (a resumed search and the export reuse it), export ships the union tokenizer and says why there
+    is no mergekit.yaml."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     models = tiny("qwen3")
-    chat = tmp_path / "chat"
-    chat.mkdir()
-    for item in models.specialists["code"].iterdir():
-        (chat / item.name).write_bytes(item.read_bytes())
-    tokenizer = AutoTokenizer.from_pretrained(str(chat))
-    tokenizer.add_tokens(["<|tool|>", "<|think|>"])  # rows 259 and 260: inside the base's padding
-    tokenizer.save_pretrained(str(chat))
+    chat = _with_added_tokens(models.specialists["code"], tmp_path / "chat", ADDED)
     db = tmp_path / "study" / "s.db"
     config = {**_study_config(models, tmp_path), "models": {"math": str(models.specialists["math"]), "chat": str(chat)}}
+    path = write_config(tmp_path / "s.yaml", config)
+    proc = run_cli("search", str(path), cwd=tmp_path, check=True)
+    assert "union vocabulary" in proc.stdout
+    union = db.parent / "union_base"
+    built = (union / "model.safetensors").stat().st_mtime_ns
+    run_cli("search", str(path), cwd=tmp_path, check=True)  # resumed: the same union base, the same fingerprint
+    out = tmp_path / "export"
+    run_cli("export", str(db), "--trial", "1", "--out", str(out), cwd=tmp_path, check=True)
+    assert (union / "model.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert [tokenizer.encode(t, add_special_tokens=False) for t in ADDED] == [[259], [260]]
+    assert not (out / "mergekit.yaml").exists() and not (out / "mergeopt_union.json").exists()
+    assert "union vocabulary" in (out / "README.md").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    held = load_state_dict(chat)["model.embed_tokens.weight"]
+    torch.testing.assert_close(merged.get_input_embeddings().weight[259:261].detach(), held[259:261], atol=1e-6, rtol=0)
+
+
+def test_what_cannot_merge_a_union_vocabulary_is_one_line_naming_the_tokens(tiny, tmp_path: Path) -> None:
+    """A method that measures on the base's vocabulary (RegMean) through the CLI, nothing written; an
+    adapter whose tokenizer added tokens; an adapter that changes the embedding beside a holder."""
+    from safetensors.torch import save_file
+
+    from optimizer.config import StudyConfig
+    from optimizer.errors import ModelError
+    from optimizer.search.prepare import check_models
+
+    models = tiny("qwen3")
+    chat = _with_added_tokens(models.specialists["code"], tmp_path / "chat", ADDED)
+    db = tmp_path / "study" / "s.db"
+    holder = {"math": str(models.specialists["math"]), "chat": str(chat)}
+    study = _study_config(models, tmp_path)
+    config = {**study, "models": holder, "method": "regmean"}
     proc = run_cli("search", str(write_config(tmp_path / "s.yaml", config)), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
-    assert "'<|tool|>'" in lines[0] and "'<|think|>'" in lines[0] and "resize_token_embeddings" in lines[0]
+    assert "'<|tool|>'" in lines[0] and "'<|think|>'" in lines[0] and "'regmean'" in lines[0], lines[0]
+    assert "resize_token_embeddings" in lines[0]
     assert not db.parent.exists()
+
+    def adapter(folder: Path, tensors: dict[str, torch.Tensor], target: str) -> Path:
+        folder.mkdir()
+        body = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": [target], "bias": "none"}
+        (folder / "adapter_config.json").write_text(json.dumps(body))
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    lora = adapter(
+        tmp_path / "lora",
+        {f"{q}.lora_A.weight": torch.randn(2, 128), f"{q}.lora_B.weight": torch.randn(128, 2)},
+        "q_proj",
+    )
+    (lora / "tokenizer.json").write_bytes((chat / "tokenizer.json").read_bytes())
+    e = "base_model.model.model.embed_tokens"
+    embed = adapter(
+        tmp_path / "embed",
+        {f"{e}.lora_embedding_A": torch.randn(2, 320), f"{e}.lora_embedding_B": torch.randn(128, 2)},
+        "embed_tokens",
+    )
+    for models_, needles in (
+        ({"math": holder["math"], "lora": str(lora)}, ["adapter 'lora' adds tokens", "'<|tool|>'", "merge_and_unload"]),
+        ({**holder, "embed": str(embed)}, ["adapter 'embed' changes 'model.embed_tokens.weight'", "'<|think|>'"]),
+    ):
+        raw = {**study, "models": models_}
+        with pytest.raises(ModelError) as caught:
+            check_models(StudyConfig.model_validate(raw))
+        assert "\n" not in str(caught.value) and all(n in str(caught.value) for n in needles), caught.value
 
 
 # --------------------------------------------------------------------------- experts apart

@@ -97,6 +97,7 @@ def golden(
     from optimizer.config import load_config
     from optimizer.engines import study_engine
     from optimizer.search.prepare import prepare
+    from optimizer.union_vocab import union_models
 
     positive(max_tokens, "--max-tokens", "the answer length must be a positive number")
     if fingerprint not in ("stat", "content"):
@@ -104,7 +105,8 @@ def golden(
     cfg = load_config(config)
     prepared = prepare(cfg)  # validated only: golden data needs none of the method's study data
     target = out or cfg.study_dir() / "golden"
-    with study_engine(cfg, prepared.models, memory=prepared.memory) as engine:
+    models = union_models(prepared.models, cfg.study_dir())  # specialists that added tokens answer with them
+    with study_engine(cfg, models, memory=prepared.memory) as engine:
         written = generate_golden(
             cfg,
             only_native(prepared.tasks, "golden data"),  # the specialists answer prompts mergeopt renders

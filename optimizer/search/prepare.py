@@ -4,7 +4,8 @@
 and its fields checked, the search space built. It writes nothing, so a bad config leaves no
 half-made study behind. :func:`measured` then measures, once per study, what the merge method
 needs (RegMean's Grams, HILA's golden data and importances: :mod:`optimizer.search.study_data`),
-or finds it cached beside the study.
+or finds it cached beside the study, and builds the union vocabulary of specialists that added
+tokens (:mod:`optimizer.union_vocab`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from dataclasses import dataclass, replace
 from optuna.study import StudyDirection
 
 from objectives.tasks import AnyTask, check_stageable, load_tasks
-from optimizer.adapters import base_mismatch_warning
+from optimizer.adapters import Adapter, base_mismatch_warning
 from optimizer.checkpoints import ModelSet, check_specialist, model_config, read_shapes
 from optimizer.config import StudyConfig
 from optimizer.errors import ConfigError
 from optimizer.families import expert_count, family_of
 from optimizer.memory_plan import Machine, MemoryPlan, plan_memory
+from optimizer.merge import get_method
 from optimizer.models import describe
 from optimizer.search.space import SearchSpace
 from optimizer.search.study_data import ensure_study_data
+from optimizer.union_vocab import check_union, union_models, union_plan
 
 __all__ = ["Prepared", "check_engine", "check_models", "measured", "prepare"]
 
@@ -59,11 +62,15 @@ def _checked_models(config: StudyConfig) -> tuple[ModelSet, int, tuple[str, ...]
     for tensor in base_shapes:  # every tensor must have a place in a block, or no merge can plan it
         describe(tensor, family)
     notes: list[str] = []
+    adapters: dict[str, Adapter | None] = {}
     for name, path in models.specialists.items():
-        adapter = check_specialist(path, name, base_shapes, models.base)
+        adapters[name] = adapter = check_specialist(path, name, base_shapes, models.base, added_ok=True)
         note = base_mismatch_warning(adapter, models.base, name) if adapter else None
         if note:
             notes.append(note)
+    # Added tokens: merged over the union vocabulary, which measured() builds (prepare writes nothing).
+    method = config.method
+    check_union(models, union_plan(models), method, adapters, get_method(method).study_data is not None)
     num_layers = int(model_config(models.base).get("num_hidden_layers", 0))
     return models, num_layers, tuple(notes)
 
@@ -124,6 +131,8 @@ def prepare(config: StudyConfig, *, layer_overrides: tuple[str, ...] = ()) -> Pr
 
 
 def measured(prepared: Prepared, say: Callable[[str], None] = lambda _: None) -> Prepared:
-    """``prepared`` with the method's study data measured (or found cached) beside the study."""
-    data = ensure_study_data(prepared.config, prepared.models, prepared.tasks, say)
-    return replace(prepared, models=replace(prepared.models, data_dir=data.parent if data else None))
+    """``prepared`` with the method's study data measured (or found cached) beside the study, and the
+    union vocabulary built (or found) there where a specialist added tokens (:mod:`optimizer.union_vocab`)."""
+    models = union_models(prepared.models, prepared.config.study_dir(), say)
+    data = ensure_study_data(prepared.config, models, prepared.tasks, say)
+    return replace(prepared, models=replace(models, data_dir=data.parent if data else None))
