@@ -741,7 +741,8 @@ def test_a_study_can_search_each_expert_apart_and_export_it(tiny, tmp_path: Path
     out = tmp_path / "export"
     run_cli("export", str(db), "--trial", "1", "--out", str(out), cwd=tmp_path, check=True)
     assert not (out / "mergekit.yaml").exists()
-    assert "cannot give an expert (or the router) coefficients of its own" in " ".join((out / "README.md").read_text().split())
+    card = " ".join((out / "README.md").read_text().split())
+    assert "cannot give an expert (or the router) coefficients of its own" in card
     plan = Plan.from_dict(json.loads((out / "mergeopt.json").read_text())["plan"])
     want = _ours(models, plan)
     got = load_state_dict(out)
