@@ -116,7 +116,7 @@ def build_lora_zoo(
     key = {
         "lora_zoo_version": LORA_ZOO_VERSION,
         "kind": kind,
-        "seed": seed,
+        "seed": base_zoo["seed"],  # the given zoo's, which may not be ``seed``
         "recipe": recipe.to_dict(),
         "base_zoo": {"root": base_zoo["root"], "zoo_json_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()},
     }
