@@ -33,3 +33,15 @@ def real_zoo() -> dict[str, Any]:
     from optimizer.zoo.real import build_real_zoo, default_real_zoo_dir
 
     return build_real_zoo(default_real_zoo_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_zoo(zoo: dict[str, Any]) -> dict[str, Any]:
+    """The tiny LoRA zoo's lora_zoo.json (plus ``root``): one adapter per task of ``zoo``, on its base.
+
+    The first run trains it into ``default_lora_zoo_dir("tiny")`` (about a minute on one core);
+    later runs find it in the cache. Set ``MERGEOPT_LORA_ZOO_DIR`` to keep it somewhere else.
+    """
+    from optimizer.zoo.lora import build_lora_zoo, default_lora_zoo_dir
+
+    return build_lora_zoo("tiny", default_lora_zoo_dir("tiny"), zoo=zoo["root"])

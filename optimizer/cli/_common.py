@@ -80,7 +80,8 @@ def print_zoo(info: dict[str, Any], path: Path) -> None:
         elif isinstance(row, dict):
             for sub, values in row.items():
                 if isinstance(values, dict):
-                    table.add_row(f"{row_name}:{sub}", *(f"{values.get(t, float('nan')):.2f}" for t in tasks))
+                    cells = (f"{values[t]:.2f}" if t in values else "–" for t in tasks)  # –: not measured
+                    table.add_row(f"{row_name}:{sub}", *cells)
     console().print(table)
 
 

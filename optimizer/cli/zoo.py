@@ -20,11 +20,30 @@ def build(
     real: Annotated[
         bool, typer.Option("--real", help="the real-model zoo: SmolLM2-135M-Instruct and chat specialists (~12 min)")
     ] = False,
+    lora: Annotated[
+        bool,
+        typer.Option(
+            "--lora",
+            help="LoRA adapters (PEFT folders) for the zoo's tasks, trained on its base (tiny ~1 min, --real ~10 min)",
+        ),
+    ] = False,
 ) -> None:
-    """Train (or load from cache) a base model and its specialists: the tiny zoo, or with --real a real LLM's."""
+    """Train (or load from cache) a base model and its specialists: the tiny zoo, or with --real a real LLM's.
+
+    With --lora: one LoRA adapter per task of that zoo (built first if absent), on its base.
+    """
     shown = console()
     say = lambda line: shown.print(line, highlight=False)  # noqa: E731
-    if real:
+    if lora:
+        from optimizer.zoo.lora import build_lora_zoo, default_lora_zoo_dir
+
+        target = out or default_lora_zoo_dir("real" if real else "tiny", seed=seed)
+        info = build_lora_zoo("real" if real else "tiny", target, seed=seed, force=force, log=say)
+        root = Path(info["root"])
+        say(f"base: {info['base']}")
+        for task, rel in info["adapters"].items():
+            say(f"adapter {task}: {root / rel}")
+    elif real:
         from optimizer.zoo.real import build_real_zoo, default_real_zoo_dir
 
         target = out or default_real_zoo_dir(seed=seed)

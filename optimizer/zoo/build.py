@@ -80,16 +80,17 @@ def default_zoo_dir(seed: int = 0) -> Path:
     return Path.home() / ".cache" / "mergeopt" / f"zoo-v{ZOO_VERSION}-seed{seed}"
 
 
-def load_zoo(path: Path | str) -> dict[str, Any]:
+def load_zoo(path: Path | str, *, manifest: str = _ZOO_JSON) -> dict[str, Any]:
     """The ``zoo.json`` of a built zoo (``path`` is its directory or the file itself).
 
     The returned dict also carries ``root``, the zoo directory as an absolute path, against which
-    every path inside it (models, task data) is relative.
+    every path inside it (models, task data) is relative. ``manifest`` names another zoo's file
+    (the LoRA zoo's ``lora_zoo.json``).
     """
     path = Path(path).expanduser()
-    file = path if path.name == _ZOO_JSON else path / _ZOO_JSON
+    file = path if path.name == manifest else path / manifest
     if not file.is_file():
-        raise DataError(f"{str(path)!r} holds no built zoo ({_ZOO_JSON} missing); build it with build_zoo()")
+        raise DataError(f"{str(path)!r} holds no built zoo ({manifest} missing); build it with build_zoo()")
     try:
         info = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -177,6 +178,9 @@ def cached_build(
     log: Callable[[str], None] | None,
     check_criteria: bool,
     env_var: str,
+    manifest: str = _ZOO_JSON,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
+    summary: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> dict[str, Any]:
     """A zoo folder made once: returned as it is when its ``zoo.json`` matches ``key``, else built.
 
@@ -184,18 +188,22 @@ def cached_build(
     ``zoo.json`` content; the folder is renamed into place only at the end (and only if no other
     process finished first), so an interrupted build never looks complete. With
     ``check_criteria`` a zoo that is not a merge problem raises instead of being written.
+    ``manifest``, ``check`` and ``summary`` are the file that marks the folder complete, the
+    criteria and the one-line summary of another kind of zoo (the defaults are this module's).
     """
     out = out.expanduser().resolve()
     say = log or (lambda _msg: None)
-    if not force and _matches(out, key):
-        info = load_zoo(out)
+    check = check or _check
+    summary = summary or _summary
+    if not force and _matches(out, key, manifest):
+        info = load_zoo(out, manifest=manifest)
         if check_criteria:
-            _check(info)
+            check(info)
         say(f"zoo: cached at {out}")
         return info
-    if out.exists() and not (out / _ZOO_JSON).is_file() and any(out.iterdir()):
+    if out.exists() and not (out / manifest).is_file() and any(out.iterdir()):
         raise MergeoptError(
-            f"zoo directory {str(out)!r} exists and is not a zoo (no {_ZOO_JSON}); refusing to replace"
+            f"zoo directory {str(out)!r} exists and is not a zoo (no {manifest}); refusing to replace"
             f" it. Pick an empty or new directory, or set {env_var}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,22 +211,22 @@ def cached_build(
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         info = build(tmp, say)
-        (tmp / _ZOO_JSON).write_text(json.dumps(info, indent=2) + "\n")
-        say(f"zoo: {_summary(info)} ({info.get('build_seconds', 0):.0f} s)")
+        (tmp / manifest).write_text(json.dumps(info, indent=2) + "\n")
+        say(f"zoo: {summary(info)} ({info.get('build_seconds', 0):.0f} s)")
         if check_criteria:
-            _check(info)
-        if force or not _matches(out, key):  # else another process finished first: keep theirs
+            check(info)
+        if force or not _matches(out, key, manifest):  # else another process finished first: keep theirs
             replace_dir(tmp, out, umask_modes=True)
             say(f"zoo: written to {out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_zoo(out)
+    return load_zoo(out, manifest=manifest)
 
 
-def _matches(out: Path, key: Mapping[str, Any]) -> bool:
+def _matches(out: Path, key: Mapping[str, Any], manifest: str = _ZOO_JSON) -> bool:
     """Whether ``out`` holds a complete zoo built with these version, seed and recipe."""
     try:
-        info = json.loads((out / _ZOO_JSON).read_text())
+        info = json.loads((out / manifest).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     return all(info.get(k) == v for k, v in key.items())
