@@ -8,7 +8,7 @@ export merges from. :class:`ModelSet` names the models a study merges.
 from __future__ import annotations
 
 import json
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,12 +296,15 @@ def load_task_vectors(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     keep: Container[str] | None = None,
+    narrow: Callable[[str, Delta], Delta] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[Delta]]]:
     """The base and every specialist's task vector, per tensor in ``models`` order: what a merge reads.
 
     Computed once per engine (never per trial), one specialist at a time. ``keep`` restricts the
     tensors to those an engine actually owns (a tied head appears once, as the embedding); every
-    specialist is still checked against the whole base.
+    specialist is still checked against the whole base. ``narrow(name, tensor)`` cuts each task
+    vector as it is formed, and the base at the end, to what a tensor-parallel rank keeps; the
+    task vectors are formed against the whole base.
     """
     state = load_state_dict(models.base, dtype)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -311,5 +314,7 @@ def load_task_vectors(
     for name, path in models.specialists.items():
         rows = vocab_rows(models.base, path, name)
         for k, tau in load_task_vector(base, path, name, dtype=dtype, shapes=shapes, vocab_rows=rows).items():
-            deltas[k].append(tau)
+            deltas[k].append(tau if narrow is None else narrow(k, tau))
+    if narrow is not None:
+        base = {k: narrow(k, v) for k, v in base.items()}  # type: ignore[misc]  # a dense tensor stays dense
     return base, deltas

@@ -14,9 +14,10 @@ into an engine start. Its figures (printed at the start of every search) are:
 
 On a GPU with vLLM, vLLM claims ``gpu_memory_utilization`` of the device for its weights and KV
 cache at start-up; mergeopt's tensors must fit in the rest. Unset, the plan picks the largest
-share (at most vLLM's default 0.9) that leaves room for them. With tensor parallelism every rank
-still keeps full copies of the base and task vectors (sharding them per rank is still to come),
-so mergeopt's figure is per GPU and does not divide by the degree.
+share (at most vLLM's default 0.9) that leaves room for them. With tensor parallelism each rank
+keeps only its slice of the base and of every task vector (``optimizer/engines/_tp_shards.py``),
+so mergeopt's figure per GPU divides by the degree, plus one whole tensor of workspace (N + 2 for
+methods that gather a tensor whole to merge it).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class MemoryPlan:
     gpu_memory_utilization: float | None  # what vLLM is given (None: not a GPU vLLM study)
     device_bytes: int
     host_bytes: int
+    #: vLLM's tensor-parallel degree: each rank holds 1/k of the base and task vectors.
+    tensor_parallel: int = 1
 
     def lines(self) -> list[str]:
         """The plan as a few log lines: every figure a user needs to see why it fits."""
@@ -94,6 +97,8 @@ class MemoryPlan:
             f"memory: model {gb(self.weight_bytes)}, base + {self.specialists} task vectors"
             f" {gb(self.weight_bytes + self.task_vector_bytes)}, merge workspace {gb(self.workspace_bytes)}"
         )
+        if self.tensor_parallel > 1:
+            head += f"; each of {self.tensor_parallel} GPUs holds its slice, about 1/{self.tensor_parallel} of them"
         if self.placement == "streamed":
             place = (
                 f"memory: task vectors streamed from pinned host memory ({gb(self.task_vector_bytes)} of"
@@ -153,7 +158,9 @@ def plan_for_shapes(
         device_bytes=machine.device_bytes, host_bytes=machine.host_bytes,
     )  # fmt: skip
     if not on_gpu:
-        kv = int((config.vllm.cpu_kv_cache_gib or _CPU_KV_DEFAULT_GIB) * GiB) if config.engine == "vllm" else 0
+        # vLLM's CPU build gives each tensor-parallel worker a KV cache of this size.
+        per_worker = (config.vllm.cpu_kv_cache_gib or _CPU_KV_DEFAULT_GIB) * config.vllm.tensor_parallel_size
+        kv = int(per_worker * GiB) if config.engine == "vllm" else 0
         plan = MemoryPlan(**common, kv_bytes=kv, placement="resident", gpu_memory_utilization=None)  # type: ignore[arg-type]
         _check_host(plan, config)
         return plan
@@ -164,10 +171,16 @@ def _plan_gpu(config: StudyConfig, common: dict, machine: Machine) -> MemoryPlan
     weight, n, largest = common["weight_bytes"], common["specialists"], common["largest_tensor_bytes"]
     held = common["task_vector_bytes"]
     total = machine.device_bytes
-    resident = weight + held + common["workspace_bytes"]  # base + N task vectors + workspace
-    streamed = weight + common["workspace_bytes"] + 2 * n * largest  # base + two tensors in flight
-    host_streamed = int(held * _PINNED_OVERHEAD) * config.vllm.tensor_parallel_size
     vllm = config.engine == "vllm"
+    # Under tensor parallelism each rank holds its slice of the base and of every task vector; a
+    # merge needs one tensor whole for vLLM's loader, and methods that read whole tensors gather
+    # that tensor's N + 1 inputs (optimizer/engines/_tp_shards.py).
+    tp = config.vllm.tensor_parallel_size if vllm else 1
+    gather = 0 if tp == 1 else largest * (1 if config.method in _LIGHT_METHODS else n + 2)
+    workspace = common["workspace_bytes"] + gather
+    resident = (weight + held) // tp + workspace  # base + N task vectors + workspace, per GPU
+    streamed = weight // tp + workspace + 2 * n * largest // tp  # base + two tensors in flight
+    host_streamed = int(held * _PINNED_OVERHEAD)  # all ranks' slices together
     engine_min = (weight / config.vllm.tensor_parallel_size + _VLLM_MIN_KV + _VLLM_ACTIVATIONS) if vllm else weight
     user_share = config.vllm.gpu_memory_utilization if vllm else None
     if user_share is not None and user_share * total < engine_min:
@@ -199,7 +212,13 @@ def _plan_gpu(config: StudyConfig, common: dict, machine: Machine) -> MemoryPlan
     else:
         raise ConfigError(_no_fit(config, common, machine, resident, streamed, host_streamed, fits_streamed))
     kv = int(share * total - weight / config.vllm.tensor_parallel_size) if share is not None else 0
-    return MemoryPlan(**common, kv_bytes=kv, placement=placement, gpu_memory_utilization=share)  # type: ignore[arg-type]
+    return MemoryPlan(
+        **common,
+        kv_bytes=kv,
+        placement=placement,  # type: ignore[arg-type]
+        gpu_memory_utilization=share,
+        tensor_parallel=tp,
+    )
 
 
 def _no_fit(
@@ -215,8 +234,11 @@ def _no_fit(
         engine = share * total
     else:  # the plan would have lowered vLLM's share down to what it needs
         engine = weight / config.vllm.tensor_parallel_size + _VLLM_MIN_KV + _VLLM_ACTIVATIONS
+    tp = config.vllm.tensor_parallel_size if config.engine == "vllm" else 1
     room = total - engine - _MARGIN
-    fit_n = max(0, int((room - weight - common["workspace_bytes"]) // weight)) if weight else 0
+    per = weight // tp  # one specialist's slice on each GPU
+    fit_n = max(0, int((room - per - common["workspace_bytes"]) // per)) if per else 0
+    more_gpus = " a higher vllm.tensor_parallel_size," if config.engine == "vllm" else ""
     where = (
         f"streaming them needs {_gb(host)} of pinned host memory and {_gb(machine.host_bytes)} is available"
         if fits_streamed
@@ -224,7 +246,7 @@ def _no_fit(
     )
     return (
         f"memory: base + {n} task vectors need {_gb(resident)} on each GPU beside the engine's {_gb(engine)}"
-        f" of {_gb(total)}, and {where}; use at most {fit_n} specialists, LoRA adapters, a lower"
+        f" of {_gb(total)}, and {where}; use at most {fit_n} specialists, LoRA adapters,{more_gpus} a lower"
         " vllm.gpu_memory_utilization, or a machine with more memory"
     )
 

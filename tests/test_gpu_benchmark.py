@@ -31,3 +31,5 @@ def test_the_gpu_benchmark_dry_run_measures_every_step(tmp_path: Path) -> None:
     assert row["streamed_equals_resident"] is True
     assert row["reload_equals_in_place"] is True
     assert row["merge_in_place_s"] > 0 and row["reload_per_candidate_s"] > 0
+    # The memory plan's figure sits beside the measured one: model + base + N task vectors + workspace.
+    assert row["plan_GB"] is not None and row["plan_GB"] >= row["resident_GB"] > 0

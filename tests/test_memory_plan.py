@@ -87,6 +87,23 @@ def test_no_room_on_the_gpu_nor_in_host_memory_is_one_line_saying_what_would_fit
     assert "pinned host memory" in message and "at most" in message and "specialists" in message
 
 
+def test_tensor_parallel_ranks_each_hold_a_slice_so_more_fits_per_gpu() -> None:
+    """Eight 8B specialists do not fit one 80 GB card even streamed; over 4 GPUs each holds 1/4."""
+    A100_X4 = Machine(gpus=4, device_bytes=80 * GB, host_bytes=400 * GB)
+    with pytest.raises(ConfigError, match=r"a higher vllm\.tensor_parallel_size"):
+        plan_for_shapes(config(), LLAMA_8B, 8, Machine(gpus=1, device_bytes=80 * GB, host_bytes=100 * GB))
+    one = plan_for_shapes(config(), LLAMA_8B, 3, A100_X4)
+    four = plan_for_shapes(config(vllm={"tensor_parallel_size": 4}), LLAMA_8B, 3, A100_X4)
+    assert one.placement == "streamed" and four.placement == "resident"  # 64 GB of copies / 4 ranks
+    assert four.tensor_parallel == 4 and any("each of 4 GPUs holds its slice" in line for line in four.lines())
+    assert four.gpu_memory_utilization is not None and four.gpu_memory_utilization > 0.6
+    eight = plan_for_shapes(config(vllm={"tensor_parallel_size": 4}), LLAMA_8B, 8, A100_X4)
+    assert eight.placement == "resident"
+    # TIES gathers a tensor's N + 1 inputs whole to merge it: more workspace per GPU than task arithmetic.
+    ties = plan_for_shapes(config(method="ties", vllm={"tensor_parallel_size": 4}), LLAMA_8B, 3, A100_X4)
+    assert ties.gpu_memory_utilization is not None and ties.gpu_memory_utilization < four.gpu_memory_utilization
+
+
 def test_a_memory_share_that_leaves_no_room_is_refused() -> None:
     with pytest.raises(ConfigError, match="base \\+ 3 task vectors need"):
         plan_for_shapes(config(vllm={"gpu_memory_utilization": 0.97}), LLAMA_8B, 3, A100_80)

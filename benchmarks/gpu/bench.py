@@ -12,9 +12,10 @@ of a trial that run there through mergeopt's own merge code:
   ~1B, ~8B) with N specialists: merge-in-place (every tensor merged and written into the live
   model) against reload-per-candidate (save the merged model as safetensors, load it into a fresh
   model on the device, first score), the first score alone, the peak device memory against the
-  resident figure (model + base + N task vectors), and the merge with task vectors streamed from
-  pinned host memory (optimizer/merge/streaming.py) against the host-to-device bandwidth. Each
-  model row checks that the streamed and the reloaded models equal the merged-in-place one.
+  resident figure (model + base + N task vectors) and the memory plan's figure (``plan_GB``), and
+  the merge with task vectors streamed from pinned host memory (optimizer/merge/streaming.py)
+  against the host-to-device bandwidth. Each model row checks that the streamed and the reloaded
+  models equal the merged-in-place one.
 
 Writes ``<out>/<device>.json`` after every step, so a run cut short keeps what it measured.
 ``--cpu-dry-run`` runs every step on the CPU at tiny sizes (a test runs it).
@@ -131,6 +132,28 @@ def build(shape: dict[str, Any], n: int, device: torch.device, dtype: torch.dtyp
     return model, base, deltas
 
 
+def plan_figure(shapes: dict[str, tuple[int, ...]], n: int) -> float | None:
+    """What mergeopt's memory plan expects the transformers engine to hold on the GPU for this
+    model and a task-arithmetic merge (model + base + N task vectors + merge workspace), in GB:
+    the figure the measured peak is compared with. None where the plan cannot be imported (its
+    config needs pydantic and PyYAML, which a bare GPU machine may lack)."""
+    try:
+        from optimizer.config import config_from_dict
+        from optimizer.memory_plan import Machine, plan_for_shapes
+    except ImportError:
+        return None
+    config = config_from_dict(
+        {
+            "name": "gpu-bench", "base": "/b", "models": {f"m{i}": f"/m{i}" for i in range(n)},
+            "method": "task_arithmetic", "engine": "hf",
+            "objectives": [{"name": "t", "data": "/d", "metric": "exact_match"}],
+        }
+    )  # fmt: skip
+    plan = plan_for_shapes(config, shapes, n, Machine(gpus=1, device_bytes=10**15, host_bytes=10**15))
+    need = 2 * plan.weight_bytes + plan.task_vector_bytes + plan.workspace_bytes
+    return round(need / 1e9, 3)
+
+
 def score(model: Any, ids: torch.Tensor) -> torch.Tensor:
     """The first score of a candidate: one forward pass over a batch (last-position logits)."""
     with torch.no_grad():
@@ -178,6 +201,7 @@ def model_row(name: str, shape: dict[str, Any], args: argparse.Namespace, device
         specialists=n,
         dtype="bfloat16",
         resident_GB=round((2 + n) * p_bytes / 1e9, 3),
+        plan_GB=plan_figure({k: tuple(t.shape) for k, t in base.items()}, n),
     )
     write()
     models = tuple(f"m{i}" for i in range(n))

@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
-from optimizer.checkpoints import ModelSet, model_config
+from optimizer.checkpoints import ModelSet, load_state_dict, model_config
 from optimizer.engines._allocator import retain_freed_memory
+from optimizer.engines._tp_shards import ShardLayout, iter_merged_sharded, record_shards
 from optimizer.errors import ModelError
 from optimizer.families import family_of
+from optimizer.low_rank import nbytes as delta_bytes
 from optimizer.merge._precision import all_finite
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.plan import MergePlan
@@ -66,8 +68,14 @@ class MergeWorkerExtension:
         # at 2N + 1 model copies; measured in benchmarks/memory.py).
         models = ModelSet(Path(base), {k: Path(v) for k, v in specialists.items()})
         self.mergeopt_placement: Placement = placement
+        # Under tensor parallelism each rank keeps only the slices its part of the model loads.
+        self.mergeopt_layout = _shard_layout(self.model_runner, models.base, dtype)  # type: ignore[attr-defined]
         self.mergeopt_base, self.mergeopt_deltas = load_for_merging(
-            models, dtype=dtype, device=param.device, placement=placement
+            models,
+            dtype=dtype,
+            device=param.device,
+            placement=placement,
+            narrow=self.mergeopt_layout.narrow if self.mergeopt_layout is not None else None,
         )
         self.mergeopt_models = tuple(specialists)
         self.mergeopt_family = family_of(model_config(Path(base)))
@@ -77,8 +85,15 @@ class MergeWorkerExtension:
         self.mergeopt_data_dir = Path(data_dir) if data_dir else None
         self.mergeopt_base_dir = Path(base)
         self.mergeopt_bound: dict[str, MergeMethod] = {}
-        nbytes = sum(t.numel() * t.element_size() for t in self.mergeopt_base.values()) * (1 + len(specialists))
-        return {"tensors": len(self.mergeopt_base), "bytes": nbytes, "device": str(param.device)}
+        held = sum(t.numel() * t.element_size() for t in self.mergeopt_base.values())
+        held += sum(delta_bytes(d) for taus in self.mergeopt_deltas.values() for d in taus)
+        layout = self.mergeopt_layout
+        return {
+            "tensors": len(self.mergeopt_base),
+            "bytes": held,
+            "device": str(param.device),
+            "sharded": len(layout.shards) if layout is not None else 0,
+        }
 
     @torch.no_grad()
     def mergeopt_apply_plan(self, plan: dict[str, Any]) -> dict[str, float]:
@@ -92,6 +107,16 @@ class MergeWorkerExtension:
         if method is None:
             method = bind(merge_plan.method, self.mergeopt_models, self.mergeopt_data_dir, self.mergeopt_base_dir)
             self.mergeopt_bound[merge_plan.method] = method
+
+        def sharded_weights():
+            nonlocal finite
+            assert self.mergeopt_layout is not None and method is not None
+            for name, for_loader, piece in iter_merged_sharded(
+                merge_plan, self.mergeopt_base, self.mergeopt_deltas, method, self.mergeopt_layout, self.mergeopt_family
+            ):
+                if finite and not all_finite(piece):
+                    finite = False
+                yield name, for_loader
 
         def weights():
             nonlocal finite
@@ -109,10 +134,38 @@ class MergeWorkerExtension:
                 yield name, tensor
 
         runner = self.model_runner  # type: ignore[attr-defined]  # vLLM's worker provides it
-        runner.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        iterator = weights() if self.mergeopt_layout is None else sharded_weights()
+        runner.reload_weights(weights_iterator=iterator, is_checkpoint_format=True)
         _retie_head(runner.get_model(), runner.model_config.hf_config)
         _repack_cpu_experts(self.mergeopt_cpu_experts)
         return {"seconds": time.perf_counter() - t0, "finite": float(finite)}
+
+
+def _shard_layout(runner: Any, base: Path, dtype: torch.dtype) -> ShardLayout | None:
+    """Which slice of each tensor this rank owns, found by reloading the base through vLLM's loaders.
+
+    None without tensor parallelism. The reload writes the base's own values, so the model is
+    unchanged; every rank runs it, then the ranks exchange their tables (each needs all of them to
+    gather a tensor whole for the methods that read whole tensors).
+    """
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return None
+    state = load_state_dict(base, dtype)
+    own = record_shards(lambda it: runner.reload_weights(weights_iterator=it, is_checkpoint_format=True), state)
+    model = runner.get_model()
+    _retie_head(model, runner.model_config.hf_config)
+    _repack_cpu_experts(_cpu_experts(model))
+    tables: list[Any] = [None] * group.world_size
+    torch.distributed.all_gather_object(tables, own, group=group.cpu_group)
+
+    def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+        return list(group.all_gather(tensor, dim=0).chunk(group.world_size, dim=0))
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return ShardLayout(tables, group.rank_in_group, shapes, all_gather)
 
 
 def _watch_owner(owner_pid: int) -> None:

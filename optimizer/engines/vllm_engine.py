@@ -25,7 +25,7 @@ from optimizer.merge.plan import MergePlan
 from optimizer.merge.streaming import Placement
 from optimizer.tokens import encode, encode_pair
 
-__all__ = ["VLLMEngine"]
+__all__ = ["VLLMEngine", "cpu_binding"]
 
 _EXTENSION = "optimizer.engines._vllm_worker.MergeWorkerExtension"
 #: Seconds to let vLLM's engine-core process exit on its own at close before it is killed.
@@ -52,6 +52,22 @@ def _is_cpu_build() -> bool:
     return current_platform.is_cpu()
 
 
+def cpu_binding(ranks: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` CPU workers: this process's cores split evenly.
+
+    vLLM's CPU build binds one worker per NUMA node by itself and refuses more workers than
+    nodes; on a one-node machine the cores are split here instead (``0,1|2,3``).
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ConfigError(
+            f"vllm.tensor_parallel_size {ranks} needs {ranks} CPU cores on vLLM's CPU build, but this"
+            f" process may use {len(cores)}; lower it to {len(cores)}"
+        )
+    per = len(cores) // ranks
+    return "|".join(",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(ranks))
+
+
 class VLLMEngine(Engine):
     """Merge-in-place and scoring in a vLLM ``LLM``."""
 
@@ -70,6 +86,8 @@ class VLLMEngine(Engine):
         if cpu:
             kv = settings.cpu_kv_cache_gib if settings.cpu_kv_cache_gib is not None else _CPU_KV_CACHE_GIB
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv:g}")
+            if settings.tensor_parallel_size > 1:
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(settings.tensor_parallel_size))
         if dtype == "auto":
             dtype = "float32" if cpu else "bfloat16"
         chosen = {
@@ -88,7 +106,7 @@ class VLLMEngine(Engine):
             **{k: v for k, v in chosen.items() if v is not None},
         )
         self.tokenizer = self.llm.get_tokenizer()
-        self.llm.collective_rpc(
+        loaded = self.llm.collective_rpc(
             "mergeopt_load",
             args=(
                 str(models.base),
@@ -98,6 +116,8 @@ class VLLMEngine(Engine):
                 placement,
             ),
         )
+        #: Bytes of base and task vectors each worker holds (its slices under tensor parallelism).
+        self.held_bytes = [int(r["bytes"]) for r in loaded]
         self._sampling = vllm.SamplingParams
 
     def apply_plan(self, plan: MergePlan) -> None:

@@ -12,7 +12,7 @@ vectors, tensor for tensor: only where the task vectors live changes.
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -103,11 +103,20 @@ def load_for_merging(
     device: torch.device | str,
     placement: Placement = "resident",
     keep: Container[str] | None = None,
+    narrow: Callable[[str, Delta], Delta] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[Delta]]]:
-    """The base on ``device`` and the task vectors where ``placement`` says (the memory plan's choice)."""
-    if placement == "resident":
+    """The base on ``device`` and the task vectors where ``placement`` says (the memory plan's choice).
+
+    ``narrow`` (a tensor-parallel rank's cut) makes the load run in host memory, where the task
+    vectors are formed against the whole base, so the device only ever receives the rank's slices.
+    """
+    if placement == "resident" and narrow is None:
         return load_task_vectors(models, dtype=dtype, device=device, keep=keep)
-    base, deltas = load_task_vectors(models, dtype=dtype, device="cpu", keep=keep)
+    base, deltas = load_task_vectors(models, dtype=dtype, device="cpu", keep=keep, narrow=narrow)
+    if placement == "resident":
+        return {k: v.to(device) for k, v in base.items()}, {
+            k: [d.to(device) for d in taus] for k, taus in deltas.items()
+        }
     return {k: v.to(device) for k, v in base.items()}, pin(deltas)
 
 

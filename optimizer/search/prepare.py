@@ -10,6 +10,7 @@ tokens (:mod:`optimizer.union_vocab`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -99,11 +100,21 @@ def check_engine(config: StudyConfig) -> None:
     if config.engine == "vllm" and tp > 1:
         import torch
 
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if visible < tp:
+        if torch.cuda.is_available():
+            visible = torch.cuda.device_count()
+            if visible < tp:
+                raise ConfigError(
+                    f"vllm.tensor_parallel_size {tp} needs {tp} GPUs, but {visible} are visible here;"
+                    f" lower it to {max(visible, 1)} or run on a machine with {tp} GPUs"
+                )
+            return
+        # vLLM's CPU build runs one worker per rank on its own cores.
+        cores = len(os.sched_getaffinity(0))
+        if cores < tp:
             raise ConfigError(
-                f"vllm.tensor_parallel_size {tp} needs {tp} GPUs, but {visible} are visible here;"
-                f" lower it to {max(visible, 1)} or run on a machine with {tp} GPUs"
+                f"vllm.tensor_parallel_size {tp} needs {tp} GPUs (or {tp} CPU cores on vLLM's CPU build),"
+                f" but no GPU and {cores} cores are visible here; lower it to {cores} or run on a machine"
+                f" with {tp} GPUs"
             )
 
 
