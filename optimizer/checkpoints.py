@@ -255,6 +255,7 @@ def load_task_vector(
     dtype: torch.dtype = torch.float32,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     vocab_rows: int | RowMap | None = None,
+    narrow: Callable[[str, Delta], Delta] | None = None,
 ) -> dict[str, Delta]:
     """τ = θ − θ₀ of one specialist, for every tensor of ``base`` (on ``base``'s devices).
 
@@ -264,13 +265,15 @@ def load_task_vector(
     The specialist must match ``shapes`` (the whole base's; by default ``base``'s own tensors).
     ``vocab_rows`` places its embedding and head rows on the base's (:func:`optimizer.vocab.vocab_rows`).
     Its checkpoint is freed tensor by tensor as the deltas are formed, so loading N specialists
-    never holds more than base + N task vectors + one checkpoint.
+    never holds more than base + N task vectors + one checkpoint. ``narrow(name, tau)`` cuts each
+    task vector as soon as it is formed (a tensor-parallel rank's slice).
     """
+    cut = narrow if narrow is not None else (lambda _name, tau: tau)
     if is_adapter(model_dir):  # held as factors: a few percent of a dense task vector
         adapter = read_adapter(model_dir, name)
         adapter.check_against(shapes if shapes is not None else {k: tuple(v.shape) for k, v in base.items()}, name)
         device = next(iter(base.values())).device if base else "cpu"
-        return dict(adapter.deltas(base, dtype=dtype, device=device))
+        return {k: cut(k, tau) for k, tau in adapter.deltas(base, dtype=dtype, device=device).items()}
     state = load_state_dict(model_dir, dtype)
     check_compatible(
         shapes if shapes is not None else base,
@@ -278,7 +281,7 @@ def load_task_vector(
         name,
         vocab_rows,
     )
-    return {k: task_delta(state.pop(k), b, vocab_rows if is_vocab_tensor(k) else None) for k, b in base.items()}
+    return {k: cut(k, task_delta(state.pop(k), b, vocab_rows if is_vocab_tensor(k) else None)) for k, b in base.items()}
 
 
 def task_delta(tensor: torch.Tensor, base: torch.Tensor, vocab_rows: int | RowMap | None = None) -> torch.Tensor:
@@ -313,8 +316,9 @@ def load_task_vectors(
     deltas: dict[str, list[Delta]] = {k: [] for k in base}
     for name, path in models.specialists.items():
         rows = vocab_rows(models.base, path, name)
-        for k, tau in load_task_vector(base, path, name, dtype=dtype, shapes=shapes, vocab_rows=rows).items():
-            deltas[k].append(tau if narrow is None else narrow(k, tau))
+        taus = load_task_vector(base, path, name, dtype=dtype, shapes=shapes, vocab_rows=rows, narrow=narrow)
+        for k, tau in taus.items():
+            deltas[k].append(tau)
     if narrow is not None:
         base = {k: narrow(k, v) for k, v in base.items()}  # type: ignore[misc]  # a dense tensor stays dense
     return base, deltas

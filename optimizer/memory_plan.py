@@ -164,10 +164,10 @@ def plan_for_shapes(
         plan = MemoryPlan(**common, kv_bytes=kv, placement="resident", gpu_memory_utilization=None)  # type: ignore[arg-type]
         _check_host(plan, config)
         return plan
-    return _plan_gpu(config, common, machine)
+    return _plan_gpu(config, common, machine, shapes)
 
 
-def _plan_gpu(config: StudyConfig, common: dict, machine: Machine) -> MemoryPlan:
+def _plan_gpu(config: StudyConfig, common: dict, machine: Machine, shapes: Mapping[str, tuple[int, ...]]) -> MemoryPlan:
     weight, n, largest = common["weight_bytes"], common["specialists"], common["largest_tensor_bytes"]
     held = common["task_vector_bytes"]
     total = machine.device_bytes
@@ -176,11 +176,12 @@ def _plan_gpu(config: StudyConfig, common: dict, machine: Machine) -> MemoryPlan
     # merge needs one tensor whole for vLLM's loader, and methods that read whole tensors gather
     # that tensor's N + 1 inputs (optimizer/engines/_tp_shards.py).
     tp = config.vllm.tensor_parallel_size if vllm else 1
+    per_gpu = _tp_share(shapes, tp)
     gather = 0 if tp == 1 else largest * (1 if config.method in _LIGHT_METHODS else n + 2)
     workspace = common["workspace_bytes"] + gather
-    resident = (weight + held) // tp + workspace  # base + N task vectors + workspace, per GPU
-    streamed = weight // tp + workspace + 2 * n * largest // tp  # base + two tensors in flight
-    host_streamed = int(held * _PINNED_OVERHEAD)  # all ranks' slices together
+    resident = int((weight + held) * per_gpu) + workspace  # base + N task vectors + workspace, per GPU
+    streamed = int(weight * per_gpu) + workspace + 2 * n * largest  # base + two tensors in flight
+    host_streamed = int(held * _PINNED_OVERHEAD * per_gpu * tp)  # all ranks' slices together
     engine_min = (weight / config.vllm.tensor_parallel_size + _VLLM_MIN_KV + _VLLM_ACTIVATIONS) if vllm else weight
     user_share = config.vllm.gpu_memory_utilization if vllm else None
     if user_share is not None and user_share * total < engine_min:
@@ -210,7 +211,8 @@ def _plan_gpu(config: StudyConfig, common: dict, machine: Machine) -> MemoryPlan
     elif fits_streamed and host_ok:
         placement, share = "streamed", share_streamed
     else:
-        raise ConfigError(_no_fit(config, common, machine, resident, streamed, host_streamed, fits_streamed))
+        needs = (resident, streamed, host_streamed)
+        raise ConfigError(_no_fit(config, common, machine, needs, fits_streamed, per_gpu, workspace))
     kv = int(share * total - weight / config.vllm.tensor_parallel_size) if share is not None else 0
     return MemoryPlan(
         **common,
@@ -221,10 +223,33 @@ def _plan_gpu(config: StudyConfig, common: dict, machine: Machine) -> MemoryPlan
     )
 
 
+#: Checkpoint tensors vLLM's loaders cut in several pieces per rank (fused in the checkpoint, as
+#: Phi-3 stores them): each rank keeps them whole (optimizer/engines/_tp_shards.py).
+_FUSED_IN_CHECKPOINT = ("qkv_proj.", "gate_up_proj.")
+
+
+def _tp_share(shapes: Mapping[str, tuple[int, ...]], tp: int) -> float:
+    """The share of a model's bytes each of ``tp`` ranks keeps: 1/tp of the tensors vLLM shards,
+    all of those it keeps whole on every rank (1-D norms and biases, fused checkpoint tensors)."""
+    if tp == 1:
+        return 1.0
+    numels = {k: math.prod(s) for k, s in shapes.items()}
+    total = sum(numels.values()) or 1
+    whole = sum(v for k, v in numels.items() if len(shapes[k]) < 2 or any(f in k for f in _FUSED_IN_CHECKPOINT))
+    return (whole + (total - whole) / tp) / total
+
+
 def _no_fit(
-    config: StudyConfig, common: dict, machine: Machine, resident: int, streamed: int, host: int, fits_streamed: bool
+    config: StudyConfig,
+    common: dict,
+    machine: Machine,
+    needs: tuple[int, int, int],
+    fits_streamed: bool,
+    per_gpu: float,
+    workspace: int,
 ) -> str:
-    """One line: why nothing fits, and what would."""
+    """One line: why nothing fits, and what would (``needs``: resident, streamed, pinned host bytes)."""
+    resident, streamed, host = needs
     weight, n = common["weight_bytes"], common["specialists"]
     total = machine.device_bytes
     share = config.vllm.gpu_memory_utilization
@@ -234,10 +259,9 @@ def _no_fit(
         engine = share * total
     else:  # the plan would have lowered vLLM's share down to what it needs
         engine = weight / config.vllm.tensor_parallel_size + _VLLM_MIN_KV + _VLLM_ACTIVATIONS
-    tp = config.vllm.tensor_parallel_size if config.engine == "vllm" else 1
     room = total - engine - _MARGIN
-    per = weight // tp  # one specialist's slice on each GPU
-    fit_n = max(0, int((room - per - common["workspace_bytes"]) // per)) if per else 0
+    per = int(weight * per_gpu)  # one copy's slice on each GPU
+    fit_n = max(0, int((room - per - workspace) // per)) if per else 0
     more_gpus = " a higher vllm.tensor_parallel_size," if config.engine == "vllm" else ""
     where = (
         f"streaming them needs {_gb(host)} of pinned host memory and {_gb(machine.host_bytes)} is available"

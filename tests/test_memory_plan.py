@@ -104,6 +104,26 @@ def test_tensor_parallel_ranks_each_hold_a_slice_so_more_fits_per_gpu() -> None:
     assert ties.gpu_memory_utilization is not None and ties.gpu_memory_utilization < four.gpu_memory_utilization
 
 
+def test_tensors_fused_in_the_checkpoint_are_planned_whole_on_every_rank() -> None:
+    """Phi-3 stores qkv and gate_up fused: vLLM's loaders cut them in several pieces per rank, so
+    each rank keeps them whole, and the plan counts them so (less room for vLLM than Llama's)."""
+    fused = {}
+    for name, shape in LLAMA_8B.items():
+        if ".k_proj." in name or ".v_proj." in name or ".up_proj." in name:
+            continue
+        if ".q_proj." in name:
+            name, shape = name.replace("q_proj", "qkv_proj"), (shape[0] + 2 * 8 * 128, shape[1])
+        elif ".gate_proj." in name:
+            name, shape = name.replace("gate_proj", "gate_up_proj"), (2 * shape[0], shape[1])
+        fused[name] = shape
+    machine = Machine(gpus=4, device_bytes=80 * GB, host_bytes=400 * GB)
+    tp4 = config(vllm={"tensor_parallel_size": 4})
+    llama, phi = plan_for_shapes(tp4, LLAMA_8B, 3, machine), plan_for_shapes(tp4, fused, 3, machine)
+    assert phi.weight_bytes == llama.weight_bytes  # the same parameters, stored differently
+    assert phi.gpu_memory_utilization is not None and llama.gpu_memory_utilization is not None
+    assert phi.gpu_memory_utilization < llama.gpu_memory_utilization - 0.2
+
+
 def test_a_memory_share_that_leaves_no_room_is_refused() -> None:
     with pytest.raises(ConfigError, match="base \\+ 3 task vectors need"):
         plan_for_shapes(config(vllm={"gpu_memory_utilization": 0.97}), LLAMA_8B, 3, A100_80)

@@ -34,6 +34,7 @@ def _layers(rank: int, size: int) -> dict[str, torch.nn.Module]:
             "column": linear.ColumnParallelLinear(HIDDEN, 128, bias=False),
             "row": linear.RowParallelLinear(128, HIDDEN, bias=False),
             "qkv": linear.QKVParallelLinear(HIDDEN, HEAD, HEADS, KV_HEADS, bias=False),
+            "qkv_gqa": linear.QKVParallelLinear(HIDDEN, HEAD, HEADS, 2, bias=False),
             "gate_up": linear.MergedColumnParallelLinear(HIDDEN, [96, 96], bias=False),
             "embed": vocab.VocabParallelEmbedding(VOCAB, HIDDEN),
             "head": vocab.ParallelLMHead(VOCAB, HIDDEN),
@@ -48,6 +49,9 @@ CHECKPOINT = [
     ("q_proj.weight", "qkv", "q", (HEADS * HEAD, HIDDEN)),
     ("k_proj.weight", "qkv", "k", (KV_HEADS * HEAD, HIDDEN)),
     ("v_proj.weight", "qkv", "v", (KV_HEADS * HEAD, HIDDEN)),
+    ("gqa.q_proj.weight", "qkv_gqa", "q", (HEADS * HEAD, HIDDEN)),
+    ("gqa.k_proj.weight", "qkv_gqa", "k", (2 * HEAD, HIDDEN)),
+    ("gqa.v_proj.weight", "qkv_gqa", "v", (2 * HEAD, HIDDEN)),
     ("gate_proj.weight", "gate_up", 0, (96, HIDDEN)),
     ("up_proj.weight", "gate_up", 1, (96, HIDDEN)),
     ("embed_tokens.weight", "embed", None, (VOCAB, HIDDEN)),
@@ -90,8 +94,15 @@ def test_recorded_slices_are_what_vllms_loaders_load_on_every_rank(size: int) ->
         assert torch.equal(weights["row"], take["row.weight"])
         assert shards["row.weight"].dim == 1
         # Fused: the parameter is the sources' slices, one after the other.
-        qkv = [take["q_proj.weight"], take["k_proj.weight"], take["v_proj.weight"]]
+        # One KV head over `size` ranks: every rank loads it whole (vLLM replicates it), so it is
+        # not sharded.
+        assert shards["k_proj.weight"] is None and shards["v_proj.weight"] is None
+        qkv = [take["q_proj.weight"], ckpt["k_proj.weight"], ckpt["v_proj.weight"]]
         assert torch.equal(weights["qkv"], torch.cat(qkv))
+        # Two KV heads: one per rank at TP 2; at TP 4 each is replicated on two ranks (same slice).
+        gqa = [take["gqa.q_proj.weight"], take["gqa.k_proj.weight"], take["gqa.v_proj.weight"]]
+        assert torch.equal(weights["qkv_gqa"], torch.cat(gqa))
+        assert shards["gqa.k_proj.weight"] == Shard(0, (rank * 2 // size) * HEAD, HEAD)
         assert torch.equal(weights["gate_up"], torch.cat([take["gate_proj.weight"], take["up_proj.weight"]]))
         # Vocabulary-parallel: the slice, then zero padding (the last rank holds fewer real rows).
         for layer, name in (("embed", "embed_tokens.weight"), ("head", "lm_head.weight")):
@@ -100,14 +111,12 @@ def test_recorded_slices_are_what_vllms_loaders_load_on_every_rank(size: int) ->
             assert not weights[layer][rows:].any()
         # Copied whole: not sharded.
         assert shards["replicated.weight"] is None
-    # One KV head over `size` ranks: every rank holds it whole (vLLM replicates it).
-    assert all(t["k_proj.weight"] == Shard(0, 0, HEAD) for t in tables)
     # Together the ranks' slices cover each sharded tensor, and a gather rebuilds it.
     shapes = {name: tuple(t.shape) for name, t in ckpt.items()}
     for rank in range(size):
         gather = _FakeAllGather(tables, ckpt)
         layout = ShardLayout(tables, rank, shapes, all_gather=gather)
-        assert set(layout.shards) == set(ckpt) - {"replicated.weight"}
+        assert set(layout.shards) == set(ckpt) - {"replicated.weight", "k_proj.weight", "v_proj.weight"}
         for name, tensor in ckpt.items():
             gather.name = name
             piece = layout.narrow(name, tensor)
@@ -133,6 +142,35 @@ class _FakeAllGather:
             out.append(torch.cat([part, torch.zeros(longest - c.length, *part.shape[1:])]))
         assert out[0].shape == moved.shape
         return out
+
+
+def test_the_recorder_follows_a_loaders_reshaping_and_keeps_what_it_cannot_follow_whole() -> None:
+    """The cut is found below whatever views a loader takes (vLLM's expert loader adds a dimension
+    and unbinds it before narrowing); reads it cannot map to one box keep the tensor whole."""
+    gen = torch.Generator().manual_seed(3)
+    ckpt = {name: torch.randn(96, 64, generator=gen) for name in ("expert", "kw", "transposed", "fused", "cast", "cat")}
+
+    def load(weights) -> None:
+        for name, t in weights:
+            if name == "expert":  # routed_experts.py: unsqueeze(0).unbind(), then rank 1 of 2's rows
+                torch.empty(48, 64).copy_(t.unsqueeze(0).unbind()[0].narrow(0, 48, 48))
+            elif name == "kw":
+                torch.empty(4, 64).copy_(t.narrow(0, 2, length=4))
+            elif name == "transposed":  # a column cut, copied transposed
+                torch.empty(32, 96).copy_(t.narrow(1, 32, 32).t())
+            elif name == "fused":  # a checkpoint's fused qkv: three pieces per rank
+                for start in (0, 32, 64):
+                    torch.empty(16, 64).copy_(t.narrow(0, start, 16))
+            elif name == "cast":  # converted before the cut: the copy no longer reads the checkpoint
+                torch.empty(48, 64, dtype=torch.float64).copy_(t.to(torch.float64).narrow(0, 0, 48))
+            elif name == "cat":
+                torch.empty(192, 64).copy_(torch.cat([t, t]))
+
+    shards = record_shards(load, ckpt)
+    assert shards["expert"] == Shard(0, 48, 48)
+    assert shards["kw"] == Shard(0, 2, 4)
+    assert shards["transposed"] == Shard(1, 32, 32)
+    assert shards["fused"] is None and shards["cast"] is None and shards["cat"] is None
 
 
 @pytest.mark.parametrize("transpose", [False, True])

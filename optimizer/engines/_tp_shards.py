@@ -7,10 +7,11 @@ times over. So each rank keeps only the slice of each tensor that its part of th
 Which slice that is, vLLM's weight loaders decide: column- and row-parallel layers, fused qkv
 (with KV heads replicated when there are fewer than ranks), fused gate_up, vocabulary-parallel
 embeddings and heads (padded), experts. Rather than re-deriving their rules, mergeopt asks the
-loaders: it reloads the base once through them with each tensor wrapped in a recorder that notes
-the ``narrow`` the loader takes from it (:func:`record_shards`). A tensor cut once along one
-dimension is sharded there; one copied whole (norms, replicated layers) or cut in several pieces
-(a checkpoint that stores qkv fused) stays whole on every rank — correct, only without the saving.
+loaders: it reloads the base once through them under a dispatch mode that maps every copy out of
+a checkpoint tensor back to the part of it the copy covers (:func:`record_shards`). A tensor cut
+once along one dimension is sharded there; one copied whole (norms, replicated layers) or cut in
+several pieces (a checkpoint that stores qkv or gate_up fused, as Phi-3's does) stays whole on
+every rank — correct, only without the saving.
 
 A merge then works on the slices. Task arithmetic and linear merges are elementwise, so the merged
 slice is the slice of the merge. Every other method reads whole-tensor statistics (TIES' top-k,
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from optimizer.families import LLAMA, Family
-from optimizer.low_rank import Delta, LowRankDelta, dense
+from optimizer.low_rank import Delta, LowRankDelta, all_zero, dense
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.apply import merge_tensor, resolved_options
 from optimizer.merge.plan import MergePlan
@@ -51,33 +53,77 @@ class Shard:
         return tensor.narrow(self.dim, self.start, self.length)
 
 
-class _Recorder(torch.Tensor):
-    """A checkpoint tensor that notes how a weight loader cuts it.
+class _CopyRecorder(TorchDispatchMode):
+    """Notes which part of each checkpoint tensor the weight loaders copy into the model.
 
-    Every op runs on the plain tensor underneath; a ``narrow`` of the tensor itself is logged as
-    the cut, and any other op that makes a tensor from it (a transpose, a reshape, a copy of the
-    whole) is logged as "used whole", which keeps the tensor unsharded.
+    It watches at the dispatcher, below every Python-level reshaping a loader does (``narrow``,
+    ``unsqueeze(0).unbind()`` for experts, ``chunk``, transposes): a ``copy_`` whose source is a
+    view into a checkpoint tensor is mapped back to the box of that tensor it covers. Views
+    themselves read nothing; any other op that reads a checkpoint tensor (a ``cat``, a dtype
+    conversion, arithmetic) marks it "used whole", which keeps it unsharded.
     """
 
-    _mergeopt_log: set[tuple[int, ...]]
+    def __init__(self, roots: Mapping[str, torch.Tensor], log: dict[str, set[tuple[int, ...]]]):
+        super().__init__()
+        self.log = log
+        self.by_storage: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in roots.items():
+            self.by_storage.setdefault(_storage(tensor), []).append((name, tensor))
 
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
+    def _root(self, tensor: object) -> tuple[str, torch.Tensor] | None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return None
+        for name, root in self.by_storage.get(_storage(tensor), ()):
+            if root.storage_offset() <= tensor.storage_offset() < root.storage_offset() + max(root.numel(), 1):
+                return name, root
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        with torch._C.DisableTorchFunctionSubclass():
-            result = func(*args, **kwargs)
-        source = args[0] if args else None
-        if isinstance(source, _Recorder) and isinstance(result, torch.Tensor):
-            if func in (torch.Tensor.narrow, torch.narrow):
-                dim, start, length = (list(args[1:]) + [kwargs.get(k) for k in ("dim", "start", "length")])[:3]
-                source._mergeopt_log.add((int(dim) % source.ndim, int(start), int(length)))
-            else:
-                source._mergeopt_log.add(())
-        elif isinstance(result, torch.Tensor) and any(isinstance(a, _Recorder) for a in args[1:]):
-            for a in args[1:]:
-                if isinstance(a, _Recorder):
-                    a._mergeopt_log.add(())  # copied in whole (``param.copy_(loaded)``)
-        return result
+        schema = func._schema
+        if func is torch.ops.aten.copy_.default:
+            found = self._root(args[1])
+            if found is not None:
+                name, root = found
+                self.log[name].add(_box(root, args[1]))
+        elif schema.is_mutable or not any(r.alias_info is not None for r in schema.returns):
+            for arg in [*args, *kwargs.values()]:
+                for t in arg if isinstance(arg, list | tuple) else (arg,):
+                    found = self._root(t)
+                    if found is not None:
+                        self.log[found[0]].add(())  # read whole, or in a way not traced here
+        return func(*args, **kwargs)
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _box(root: torch.Tensor, view: torch.Tensor) -> tuple[int, ...]:
+    """``(dim, start, length)`` of ``root`` that ``view`` covers; ``()`` when it is all of it or
+    not a box cut along one dimension (then the tensor is kept whole)."""
+    if not root.is_contiguous():
+        return ()
+    shape, strides = list(root.shape), list(root.stride())
+    offset = view.storage_offset() - root.storage_offset()
+    starts = []
+    for stride in strides:
+        starts.append(offset // stride if stride else 0)
+        offset = offset % stride if stride else offset
+    if offset:
+        return ()
+    lengths = [1] * len(shape)
+    for size, stride in zip(view.shape, view.stride(), strict=True):
+        if size == 1:
+            continue
+        dims = [d for d in range(len(shape)) if strides[d] == stride and shape[d] > 1]
+        if len(dims) != 1 or lengths[dims[0]] != 1:
+            return ()
+        lengths[dims[0]] = size
+    cut = [d for d in range(len(shape)) if (starts[d], lengths[d]) != (0, shape[d])]
+    if any(starts[d] + lengths[d] > shape[d] for d in range(len(shape))) or len(cut) != 1:
+        return ()
+    return (cut[0], starts[cut[0]], lengths[cut[0]])
 
 
 def record_shards(
@@ -85,20 +131,15 @@ def record_shards(
 ) -> dict[str, Shard | None]:
     """Load ``tensors`` through ``load`` (vLLM's loaders) and return the slice each one was cut to.
 
-    None: the loader used the tensor whole, cut it more than one way, or never touched it.
+    None: the loader used the tensor whole, cut it more than one way (a checkpoint's fused qkv),
+    read it other than by copying, or never touched it.
     """
-    logs: dict[str, set[tuple[int, ...]]] = {}
-
-    def wrapped() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in tensors.items():
-            recorder = tensor.as_subclass(_Recorder)
-            recorder._mergeopt_log = logs.setdefault(name, set())
-            yield name, recorder
-
-    load(wrapped())
+    logs: dict[str, set[tuple[int, ...]]] = {name: set() for name in tensors}
+    with _CopyRecorder(tensors, logs):
+        load(iter(tensors.items()))
     shards: dict[str, Shard | None] = {}
     for name in tensors:
-        log = logs.get(name, set())
+        log = logs[name]
         shards[name] = Shard(*next(iter(log))) if len(log) == 1 and () not in log else None
     return shards
 
@@ -231,13 +272,27 @@ def iter_merged_sharded(
         if shard is None:
             merged = merge_tensor(plan, name, b, taus, method, options, family)
             yield name, merged, merged
-        elif elementwise:
+        elif elementwise or all_zero(taus):  # (no adapter touches it: the merge is the base)
             piece = merge_tensor(plan, name, b, taus, method, options, family)
             yield name, layout.for_loader(name, piece), piece
         else:
-            inputs = [layout.gather(name, dense(t)) for t in taus]
-            whole = merge_tensor(plan, name, layout.gather(name, b), inputs, method, options, family)
+            whole = _merge_gathered(plan, name, b, taus, method, options, family, layout)
             yield name, whole, shard.take(whole)
+
+
+def _merge_gathered(
+    plan: MergePlan,
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[Delta],
+    method: MergeMethod,
+    options: Mapping[str, object],
+    family: Family,
+    layout: ShardLayout,
+) -> torch.Tensor:
+    """One tensor merged whole from every rank's slices (its gathered inputs freed on return)."""
+    inputs = [layout.gather(name, dense(t)) for t in taus]
+    return merge_tensor(plan, name, layout.gather(name, base), inputs, method, options, family)
 
 
 def _to(delta: Delta, device: torch.device) -> Delta:

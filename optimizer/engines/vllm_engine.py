@@ -52,6 +52,13 @@ def _is_cpu_build() -> bool:
     return current_platform.is_cpu()
 
 
+def _numa_nodes() -> int:
+    """NUMA nodes of this machine (1 where the kernel does not say)."""
+    from pathlib import Path
+
+    return max(1, len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))))
+
+
 def cpu_binding(ranks: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` CPU workers: this process's cores split evenly.
 
@@ -86,7 +93,7 @@ class VLLMEngine(Engine):
         if cpu:
             kv = settings.cpu_kv_cache_gib if settings.cpu_kv_cache_gib is not None else _CPU_KV_CACHE_GIB
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv:g}")
-            if settings.tensor_parallel_size > 1:
+            if settings.tensor_parallel_size > _numa_nodes():  # else vLLM binds a worker per node itself
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(settings.tensor_parallel_size))
         if dtype == "auto":
             dtype = "float32" if cpu else "bfloat16"
