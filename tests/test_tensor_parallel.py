@@ -253,3 +253,33 @@ def test_a_search_with_tensor_parallel_workers_runs_through_the_cli(zoo, tmp_pat
     assert proc.returncode == 2
     assert f"{cores} cores are visible here" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "studies" / "tp-many").exists()
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_is_sharded_by_expert_loaders_too(tmp_path) -> None:
+    """Mixtral at TP 2 on vLLM's CPU build: vLLM's expert loader (which reshapes each expert's
+    checkpoint tensor before cutting it) still yields slices, each rank holds about half, and a
+    TIES merge scores as the transformers engine's."""
+    from optimizer.checkpoints import ModelSet
+    from optimizer.config import VllmConfig
+    from optimizer.engines.hf_engine import HFEngine
+    from optimizer.engines.vllm_engine import VLLMEngine
+    from optimizer.merge import MergePlan
+    from tests._tiny_models import build_tiny_models
+    from tests.test_families import MODELS, PLAN
+
+    built = build_tiny_models(
+        tmp_path, names=MODELS, family="mixtral", num_layers=2, vocab=320, delta_scale=0.05, tokenizer=True
+    )
+    models = ModelSet(built.base, built.specialists)
+    whole = sum(p.stat().st_size for p in models.base.glob("*.safetensors")) * (1 + len(MODELS))
+    requests = [("rev: abcd =", " dcba"), ("sort: dcab =", " abcd"), ("add: 12+30 =", " 42")]
+    plan = MergePlan("ties", MODELS, PLAN)
+    with HFEngine(models, device="cpu") as hf:
+        hf.apply_plan(plan)
+        expected = [ll.logprob for ll in hf.loglikelihood(requests)]
+    with VLLMEngine(models, settings=VllmConfig(tensor_parallel_size=2, max_num_seqs=8)) as engine:
+        assert all(held < 0.6 * whole for held in engine.held_bytes), (engine.held_bytes, whole)
+        engine.apply_plan(plan)
+        merged = [ll.logprob for ll in engine.loglikelihood(requests)]
+    assert merged == pytest.approx(expected, abs=1e-3)
