@@ -206,14 +206,14 @@ def _plan_gpu(config: StudyConfig, common: dict, machine: Machine, shapes: Mappi
         share_resident, share_streamed = share_for(resident), share_for(streamed)
         fits_resident, fits_streamed = share_resident is not None, share_streamed is not None
     host_ok = host_streamed <= machine.host_bytes
-    if tp > 1 and tp * 2 * weight > machine.host_bytes:
+    if tp > 1 and 2 * weight > machine.host_bytes:
         # Each worker forms its slices from the whole base and one whole specialist at a time in
-        # host memory (optimizer/checkpoints.py: load_task_vectors), all k of them at once.
+        # host memory (optimizer/checkpoints.py: load_task_vectors); the workers take turns when
+        # host memory holds fewer of them at once (optimizer/engines/_vllm_worker.py: _in_waves).
         raise ConfigError(
-            f"memory: with vllm.tensor_parallel_size {tp} each of the {tp} workers reads the base and one"
-            f" specialist whole into host memory while it loads ({_gb(tp * 2 * weight)} together), and"
-            f" {_gb(machine.host_bytes)} is available; use a lower tensor_parallel_size or a machine with"
-            " more host memory"
+            f"memory: with vllm.tensor_parallel_size {tp} each worker reads the base and one specialist"
+            f" whole into host memory while it loads ({_gb(2 * weight)}), and {_gb(machine.host_bytes)} is"
+            " available; use a machine with more host memory"
         )
     if fits_resident:
         placement, share = "resident", share_resident

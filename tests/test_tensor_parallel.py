@@ -203,10 +203,12 @@ def test_cpu_workers_get_disjoint_cores() -> None:
 
 
 @pytest.mark.slow
-def test_a_tp2_engine_holds_half_and_merges_like_one_device(zoo) -> None:
+def test_a_tp2_engine_holds_half_and_merges_like_one_device(zoo, monkeypatch) -> None:
     """vLLM's CPU build at tensor_parallel_size 2: each rank holds its slices (about half of base +
     task vectors), and TIES (gathered whole) and task arithmetic (merged on the slices) score as the
-    transformers engine does."""
+    transformers engine does. The workers load one at a time here, as on a host whose memory holds
+    one worker's whole checkpoints only."""
+    monkeypatch.setenv("MERGEOPT_TP_LOAD_AT_ONCE", "1")
     from optimizer.config import VllmConfig
     from optimizer.engines.hf_engine import HFEngine
     from optimizer.engines.vllm_engine import VLLMEngine

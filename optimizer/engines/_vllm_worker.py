@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from optimizer.checkpoints import ModelSet, load_state_dict, model_config
+from optimizer.checkpoints import ModelSet, load_state_dict, model_config, read_shapes
 from optimizer.engines._allocator import retain_freed_memory
-from optimizer.engines._tp_shards import ShardLayout, iter_merged_sharded, record_shards
+from optimizer.engines._tp_shards import Shard, ShardLayout, iter_merged_sharded, record_shards
 from optimizer.errors import ModelError
 from optimizer.families import family_of
+from optimizer.low_rank import Delta
 from optimizer.low_rank import nbytes as delta_bytes
+from optimizer.memory_plan import Machine
 from optimizer.merge._precision import all_finite
 from optimizer.merge._registry import MergeMethod
 from optimizer.merge.plan import MergePlan
@@ -34,6 +38,8 @@ from optimizer.merge.streaming import Placement, load_for_merging, merged_tensor
 from optimizer.merge.study_data import bind
 
 __all__ = ["MergeWorkerExtension"]
+
+T = TypeVar("T")
 
 
 class MergeWorkerExtension:
@@ -70,13 +76,13 @@ class MergeWorkerExtension:
         self.mergeopt_placement: Placement = placement
         # Under tensor parallelism each rank keeps only the slices its part of the model loads.
         self.mergeopt_layout = _shard_layout(self.model_runner, models.base, dtype)  # type: ignore[attr-defined]
-        self.mergeopt_base, self.mergeopt_deltas = load_for_merging(
-            models,
-            dtype=dtype,
-            device=param.device,
-            placement=placement,
-            narrow=self.mergeopt_layout.narrow if self.mergeopt_layout is not None else None,
-        )
+        layout = self.mergeopt_layout
+
+        def load() -> tuple[dict[str, torch.Tensor], dict[str, list[Delta]]]:
+            narrow = layout.narrow if layout is not None else None
+            return load_for_merging(models, dtype=dtype, device=param.device, placement=placement, narrow=narrow)
+
+        self.mergeopt_base, self.mergeopt_deltas = load() if layout is None else _in_waves(models.base, dtype, load)
         self.mergeopt_models = tuple(specialists)
         self.mergeopt_family = family_of(model_config(Path(base)))
         # From here on every merge allocates the same sizes again: keep freed pages mapped. Not
@@ -87,7 +93,6 @@ class MergeWorkerExtension:
         self.mergeopt_bound: dict[str, MergeMethod] = {}
         held = sum(t.numel() * t.element_size() for t in self.mergeopt_base.values())
         held += sum(delta_bytes(d) for taus in self.mergeopt_deltas.values() for d in taus)
-        layout = self.mergeopt_layout
         return {
             "tensors": len(self.mergeopt_base),
             "bytes": held,
@@ -153,19 +158,47 @@ def _shard_layout(runner: Any, base: Path, dtype: torch.dtype) -> ShardLayout | 
     group = get_tp_group()
     if group.world_size == 1:
         return None
-    state = load_state_dict(base, dtype)
-    own = record_shards(lambda it: runner.reload_weights(weights_iterator=it, is_checkpoint_format=True), state)
-    model = runner.get_model()
-    _retie_head(model, runner.model_config.hf_config)
-    _repack_cpu_experts(_cpu_experts(model))
+
+    def probe() -> dict[str, Shard | None]:
+        state = load_state_dict(base, dtype)
+        own = record_shards(lambda it: runner.reload_weights(weights_iterator=it, is_checkpoint_format=True), state)
+        model = runner.get_model()
+        _retie_head(model, runner.model_config.hf_config)
+        _repack_cpu_experts(_cpu_experts(model))
+        return own
+
+    own = _in_waves(base, dtype, probe)
     tables: list[Any] = [None] * group.world_size
     torch.distributed.all_gather_object(tables, own, group=group.cpu_group)
 
     def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
         return list(group.all_gather(tensor, dim=0).chunk(group.world_size, dim=0))
 
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return ShardLayout(tables, group.rank_in_group, shapes, all_gather)
+    return ShardLayout(tables, group.rank_in_group, read_shapes(base), all_gather)
+
+
+def _in_waves(base: Path, dtype: torch.dtype, work: Callable[[], T]) -> T:
+    """Run ``work`` on the tensor-parallel ranks a few at a time: as many as host memory holds.
+
+    A rank forms its slices from whole checkpoints in host memory (the base and one specialist at
+    a time); k ranks on one host doing that at once would need k times as much. Rank 0 decides how
+    many go together (``MERGEOPT_TP_LOAD_AT_ONCE`` overrides it) so that every rank agrees.
+    """
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    need = 2 * sum(math.prod(s) for s in read_shapes(base).values()) * torch.finfo(dtype).bits // 8
+    mine = int(os.environ.get("MERGEOPT_TP_LOAD_AT_ONCE") or max(1, Machine.here().host_bytes // max(need, 1)))
+    choices: list[Any] = [None] * group.world_size
+    torch.distributed.all_gather_object(choices, mine, group=group.cpu_group)
+    at_once = max(1, min(int(choices[0]), group.world_size))
+    result: T | None = None
+    for first in range(0, group.world_size, at_once):
+        if first <= group.rank_in_group < first + at_once:
+            result = work()
+        torch.distributed.barrier(group=group.cpu_group)
+    assert result is not None
+    return result
 
 
 def _watch_owner(owner_pid: int) -> None:
