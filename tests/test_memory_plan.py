@@ -183,3 +183,22 @@ def test_an_engine_streaming_its_task_vectors_builds_the_same_candidates(zoo) ->
     assert not torch.equal(
         a["model.embed_tokens.weight"], HFEngine(models, device="cpu").model.state_dict()["model.embed_tokens.weight"]
     )
+
+
+def test_search_check_shows_the_plan_and_the_study_and_writes_nothing(zoo, tmp_path) -> None:
+    """``mergeopt search CONFIG --check``: every check and the memory plan, then what the search
+    would run; no study, no study data, no engine. A config that would be refused is refused the same."""
+    from tests._cli import run_cli, write_config, zoo_config
+
+    cfg = zoo_config("checked", method="ties", engine="vllm", search={"trials": 7, "seed": 0})
+    proc = run_cli("search", str(write_config(tmp_path / "s.yaml", cfg)), "--check", cwd=tmp_path, check=True)
+    out = " ".join(proc.stdout.split())
+    assert "memory: model" in out and "host memory" in out
+    assert "objective rev: exact_match, 12 search and 24 held-out examples" in out
+    assert "method ties, engine vllm, 6 parameters (rev.weight, rev.density" in out and "target 7 trials" in out
+    assert "check passed: nothing written and no engine started" in out
+    assert not (tmp_path / "studies").exists()
+
+    bad = zoo_config("bad", vllm={"gpu_memory_utilization": 1.5})
+    proc = run_cli("search", str(write_config(tmp_path / "bad.yaml", bad)), "--check", cwd=tmp_path)
+    assert proc.returncode == 2 and "gpu_memory_utilization" in proc.stderr

@@ -27,16 +27,50 @@ def _engine(prepared: Prepared, restart_after: int | None = RESTART_AFTER) -> En
     return study_engine(prepared.config, prepared.models, memory=prepared.memory, restart_after=restart_after)
 
 
-def _prepared(config_path: Path) -> Prepared:
-    """Everything checked, and the method's study data measured, before the study file exists."""
+def _checked(config_path: Path) -> Prepared:
+    """Everything checked (models, data, templates, the memory plan); nothing written yet."""
     from optimizer.config import load_config
-    from optimizer.search.prepare import measured, prepare
+    from optimizer.search.prepare import prepare
 
     out = console()
     prepared = prepare(load_config(config_path))
     for line in (*prepared.notes, *prepared.memory.lines()):
         out.print(line, highlight=False)
-    return measured(prepared, lambda line: out.print(line, highlight=False))
+    return prepared
+
+
+def _prepared(config_path: Path) -> Prepared:
+    """Everything checked, and the method's study data measured, before the study file exists."""
+    from optimizer.search.prepare import measured
+
+    out = console()
+    return measured(_checked(config_path), lambda line: out.print(line, highlight=False))
+
+
+def _print_check(prepared: Prepared, trials: int | None) -> None:
+    """What ``search --check`` found: the study a search would run, and that nothing was written."""
+    from optimizer.search.storage import display_url
+
+    out = console()
+    config = prepared.config
+    names = list(prepared.space.distributions())
+    shown = ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else "")
+    models = prepared.models
+    out.print(f"models: base {models.base} and {len(models.specialists)} specialists", highlight=False)
+    for task in prepared.tasks:
+        out.print(
+            f"objective {task.name}: {task.metric_name}, {task.size('search')} search and"
+            f" {task.size('held_out')} held-out examples",
+            highlight=False,
+        )
+    out.print(
+        f"search: method {config.method}, engine {config.engine}, {len(names)} parameters ({shown}),"
+        f" target {trials if trials is not None else config.search.trials} trials,"
+        f" study {config.name} at {display_url(config.storage_url())}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print("check passed: nothing written and no engine started; run without --check to search", soft_wrap=True)
 
 
 def _run(study, prepared: Prepared, target: int, engine: EngineSupervisor, resume: str) -> None:
@@ -82,6 +116,14 @@ def search(
     config: Annotated[Path, typer.Argument(help="study config (YAML)")],
     trials: TrialsOpt = None,
     restart_engine_after: RestartOpt = RESTART_AFTER,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="check the config, models, data and the memory plan on this machine, print what the search"
+            " would run, and stop: nothing written, no engine started",
+        ),
+    ] = False,
 ) -> None:
     """Run a study, or resume it, until it holds the requested number of complete trials.
 
@@ -89,6 +131,9 @@ def search(
     """
     positive(trials, "--trials", "the trial count must be a positive number")
     positive(restart_engine_after, "--restart-engine-after", "give a positive number of failures")
+    if check:
+        _print_check(_checked(config), trials)
+        return
     prepared = _prepared(config)
     engine = _engine(prepared, restart_engine_after)
     try:
