@@ -174,3 +174,26 @@ def test_qwen2_family_with_biases_and_tied_embeddings(tmp_path: Path) -> None:
         engine.close()
     assert got == pytest.approx(expected, abs=0.05)
     assert base_scores != pytest.approx(got, abs=1e-3)  # the merge really changed the live weights
+
+
+def test_a_refusal_found_inside_vllms_worker_reaches_the_user_as_mergeopts_own_error(tmp_path) -> None:
+    """vLLM hands a worker's exception on as text; a mergeopt error raised there (here: a
+    specialist that is not a fine-tune of the base, given to the engine directly so no earlier
+    check stops it) comes back as the same error class and one-line message."""
+    from optimizer.engines.vllm_engine import VLLMEngine, worker_error
+    from optimizer.errors import ConfigError, ModelError
+    from tests._tiny_models import build_tiny_models
+
+    wrapped = RuntimeError("Worker failed with error '[mergeopt] ConfigError: use 'x' here', please check the trace")
+    again = worker_error(wrapped)
+    assert isinstance(again, ConfigError) and str(again) == "use 'x' here"
+    assert worker_error(RuntimeError("Worker failed with error 'CUDA out of memory'")) is None
+
+    built = build_tiny_models(
+        tmp_path, names=("a", "b"), num_layers=2, vocab=320, tokenizer=True, variant="shape_mismatch"
+    )
+    with pytest.raises(ModelError) as err:
+        VLLMEngine(ModelSet(built.base, built.specialists))
+    message = str(err.value)
+    assert "\n" not in message and "model 'b'" in message and "same base" in message
+    assert "[mergeopt]" not in message

@@ -26,7 +26,7 @@ import torch
 from optimizer.checkpoints import ModelSet, load_state_dict, model_config, read_shapes
 from optimizer.engines._allocator import retain_freed_memory
 from optimizer.engines._tp_shards import Shard, ShardLayout, iter_merged_sharded, record_shards
-from optimizer.errors import ModelError
+from optimizer.errors import MergeoptError, ModelError
 from optimizer.families import family_of
 from optimizer.low_rank import Delta
 from optimizer.low_rank import nbytes as delta_bytes
@@ -40,12 +40,21 @@ from optimizer.merge.study_data import bind
 __all__ = ["MergeWorkerExtension"]
 
 T = TypeVar("T")
+#: Marks mergeopt's own errors in a worker's message (see vllm_engine.worker_error).
+ERROR_TAG = "[mergeopt] "
 
 
 class MergeWorkerExtension:
     """Mixed into vLLM's worker class; every name starts with ``mergeopt_`` to avoid clashes."""
 
-    def mergeopt_load(
+    def mergeopt_load(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`_mergeopt_load`, with mergeopt's own errors tagged so the engine can rebuild them."""
+        try:
+            return self._mergeopt_load(*args, **kwargs)
+        except MergeoptError as exc:
+            raise type(exc)(f"{ERROR_TAG}{type(exc).__name__}: {exc}") from None
+
+    def _mergeopt_load(
         self,
         base: str,
         specialists: dict[str, str],

@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from optimizer.checkpoints import ModelSet
 from optimizer.config import VllmConfig
 from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood
-from optimizer.errors import ConfigError
+from optimizer.errors import ConfigError, MergeoptError
 from optimizer.merge.plan import MergePlan
 from optimizer.merge.streaming import Placement
 from optimizer.tokens import encode, encode_pair
 
-__all__ = ["VLLMEngine", "cpu_binding"]
+__all__ = ["ERROR_TAG", "VLLMEngine", "cpu_binding", "worker_error"]
 
 _EXTENSION = "optimizer.engines._vllm_worker.MergeWorkerExtension"
+#: Marks a mergeopt error in a worker's message (kept in step with _vllm_worker.ERROR_TAG, which
+#: this module must not import: it would import vLLM's worker-side code into the study process).
+ERROR_TAG = "[mergeopt] "
 #: Seconds to let vLLM's engine-core process exit on its own at close before it is killed.
 _SHUTDOWN_S = 20.0
 #: KV cache of the CPU build (GiB) unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise.
@@ -50,6 +54,25 @@ def _is_cpu_build() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def worker_error(exc: BaseException) -> MergeoptError | None:
+    """The user-facing error a worker raised, rebuilt from vLLM's wrapper around it (None if none).
+
+    vLLM passes a worker's exception on as text ("Worker failed with error '…'"), losing its type;
+    the worker tags mergeopt's own errors (:data:`ERROR_TAG`) so
+    that a refusal found only once the model is in the worker (vLLM's CPU expert padding, say) is
+    still one line and exit code 2.
+    """
+    import optimizer.errors as errors
+
+    found = re.search(re.escape(ERROR_TAG) + r"(\w+): (.*?)'?(?:, please check|$)", str(exc), re.S)
+    if found is None:
+        return None
+    kind = getattr(errors, found.group(1), errors.MergeoptError)
+    if not (isinstance(kind, type) and issubclass(kind, errors.MergeoptError)):
+        kind = errors.MergeoptError
+    return kind(found.group(2).strip())
 
 
 def _numa_nodes() -> int:
@@ -113,16 +136,23 @@ class VLLMEngine(Engine):
             **{k: v for k, v in chosen.items() if v is not None},
         )
         self.tokenizer = self.llm.get_tokenizer()
-        loaded = self.llm.collective_rpc(
-            "mergeopt_load",
-            args=(
-                str(models.base),
-                {k: str(v) for k, v in models.specialists.items()},
-                os.getpid(),
-                str(models.data_dir) if models.data_dir else None,
-                placement,
-            ),
-        )
+        try:
+            loaded = self.llm.collective_rpc(
+                "mergeopt_load",
+                args=(
+                    str(models.base),
+                    {k: str(v) for k, v in models.specialists.items()},
+                    os.getpid(),
+                    str(models.data_dir) if models.data_dir else None,
+                    placement,
+                ),
+            )
+        except Exception as exc:
+            error = worker_error(exc)
+            self.close()
+            if error is None:
+                raise
+            raise error from None
         #: Bytes of base and task vectors each worker holds (its slices under tensor parallelism).
         self.held_bytes = [int(r["bytes"]) for r in loaded]
         self._sampling = vllm.SamplingParams
