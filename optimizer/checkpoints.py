@@ -8,7 +8,7 @@ export merges from. :class:`ModelSet` names the models a study merges.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +90,24 @@ def model_config(model_dir: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: config.json is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def iter_tensors(model_dir: Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of a model directory one at a time, cast to ``dtype``: a pass over a
+    checkpoint that never holds more than one of its tensors (a tied head's copy is skipped)."""
+    from safetensors import SafetensorError, safe_open
+
+    tied = bool(model_config(model_dir).get("tie_word_embeddings"))
+    for path in weight_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+                    if tied and name == "lm_head.weight":
+                        continue
+                    tensor = f.get_tensor(name)
+                    yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable safetensors file ({exc}); re-export the model") from None
 
 
 def load_state_dict(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ inside an uninitialised tensor of the checkpoint's shape (:meth:`ShardLayout.for
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,21 +61,28 @@ class _CopyRecorder(TorchDispatchMode):
     ``unsqueeze(0).unbind()`` for experts, ``chunk``, transposes): a ``copy_`` whose source is a
     view into a checkpoint tensor is mapped back to the box of that tensor it covers. Views
     themselves read nothing; any other op that reads a checkpoint tensor (a ``cat``, a dtype
-    conversion, arithmetic) marks it "used whole", which keeps it unsharded.
+    conversion, arithmetic) marks it "used whole", which keeps it unsharded. Checkpoint tensors
+    are held by weak reference, so they can be fed and freed one at a time.
     """
 
-    def __init__(self, roots: Mapping[str, torch.Tensor], log: dict[str, set[tuple[int, ...]]]):
+    def __init__(self, log: dict[str, set[tuple[int, ...]]]):
         super().__init__()
         self.log = log
-        self.by_storage: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        for name, tensor in roots.items():
-            self.by_storage.setdefault(_storage(tensor), []).append((name, tensor))
+        self.by_storage: dict[int, list[tuple[str, weakref.ref[torch.Tensor]]]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Watch ``tensor`` as checkpoint tensor ``name`` from now on."""
+        self.log.setdefault(name, set())
+        self.by_storage.setdefault(_storage(tensor), []).append((name, weakref.ref(tensor)))
 
     def _root(self, tensor: object) -> tuple[str, torch.Tensor] | None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return None
-        for name, root in self.by_storage.get(_storage(tensor), ()):
-            if root.storage_offset() <= tensor.storage_offset() < root.storage_offset() + max(root.numel(), 1):
+        for name, ref in self.by_storage.get(_storage(tensor), ()):
+            root = ref()  # a freed root's storage may be reused: only a live one counts
+            if root is not None and root.storage_offset() <= tensor.storage_offset() < root.storage_offset() + max(
+                root.numel(), 1
+            ):
                 return name, root
         return None
 
@@ -127,21 +135,28 @@ def _box(root: torch.Tensor, view: torch.Tensor) -> tuple[int, ...]:
 
 
 def record_shards(
-    load: Callable[[Iterable[tuple[str, torch.Tensor]]], Any], tensors: Mapping[str, torch.Tensor]
+    load: Callable[[Iterable[tuple[str, torch.Tensor]]], Any],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
 ) -> dict[str, Shard | None]:
     """Load ``tensors`` through ``load`` (vLLM's loaders) and return the slice each one was cut to.
 
+    ``tensors`` may be a generator: each is watched from the moment it is handed to the loader.
     None: the loader used the tensor whole, cut it more than one way (a checkpoint's fused qkv),
     read it other than by copying, or never touched it.
     """
-    logs: dict[str, set[tuple[int, ...]]] = {name: set() for name in tensors}
-    with _CopyRecorder(tensors, logs):
-        load(iter(tensors.items()))
-    shards: dict[str, Shard | None] = {}
-    for name in tensors:
-        log = logs[name]
-        shards[name] = Shard(*next(iter(log))) if len(log) == 1 and () not in log else None
-    return shards
+    logs: dict[str, set[tuple[int, ...]]] = {}
+    recorder = _CopyRecorder(logs)
+
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+
+    def fed() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in pairs:
+            recorder.add(name, tensor)
+            yield name, tensor
+
+    with recorder:
+        load(fed())
+    return {name: Shard(*next(iter(log))) if len(log) == 1 and () not in log else None for name, log in logs.items()}
 
 
 def narrow_delta(delta: Delta, shard: Shard) -> Delta:

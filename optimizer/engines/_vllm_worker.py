@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from optimizer.checkpoints import ModelSet, load_state_dict, model_config, read_shapes
+from optimizer.checkpoints import ModelSet, iter_tensors, model_config, read_shapes
 from optimizer.engines._allocator import retain_freed_memory
-from optimizer.engines._tp_shards import Shard, ShardLayout, iter_merged_sharded, record_shards
+from optimizer.engines._tp_shards import ShardLayout, iter_merged_sharded, record_shards
 from optimizer.errors import MergeoptError, ModelError
 from optimizer.families import family_of
 from optimizer.low_rank import Delta
@@ -168,15 +168,13 @@ def _shard_layout(runner: Any, base: Path, dtype: torch.dtype) -> ShardLayout | 
     if group.world_size == 1:
         return None
 
-    def probe() -> dict[str, Shard | None]:
-        state = load_state_dict(base, dtype)
-        own = record_shards(lambda it: runner.reload_weights(weights_iterator=it, is_checkpoint_format=True), state)
-        model = runner.get_model()
-        _retie_head(model, runner.model_config.hf_config)
-        _repack_cpu_experts(_cpu_experts(model))
-        return own
-
-    own = _in_waves(base, dtype, probe)
+    # Every rank at once (a reload may hold collectives), the base read one tensor at a time.
+    own = record_shards(
+        lambda it: runner.reload_weights(weights_iterator=it, is_checkpoint_format=True), iter_tensors(base, dtype)
+    )
+    model = runner.get_model()
+    _retie_head(model, runner.model_config.hf_config)
+    _repack_cpu_experts(_cpu_experts(model))
     tables: list[Any] = [None] * group.world_size
     torch.distributed.all_gather_object(tables, own, group=group.cpu_group)
 
