@@ -273,6 +273,26 @@ def test_owner_alive_rules() -> None:
     assert not owner_alive(unowned, stale_after=0)
 
 
+def test_a_trial_whose_worker_died_before_writing_its_owner_is_retried_on_sqlite(tmp_path, monkeypatch) -> None:
+    """A worker SIGKILLed between popping a trial and writing its owner leaves a RUNNING trial with
+    neither owner nor heartbeat; a resumed search must not wait for it for half an hour: after
+    UNOWNED_SECONDS it is failed and its retry enqueued, on a heartbeat storage too."""
+    import optimizer.search.owners as owners
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=5, grace_period=10)
+    study = optuna.create_study(storage=storage, directions=DIRECTIONS)
+    study.enqueue_trial({"x": 0.25}, user_attrs={"baseline": "avg"})
+    study.ask({"x": optuna.distributions.FloatDistribution(-1, 1)})  # popped: RUNNING, no owner, no beat
+    owners.recover_stale(study)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]  # a live worker's moment
+    later = time.time() + owners.UNOWNED_SECONDS + 1
+    monkeypatch.setattr(owners.time, "time", lambda: later)
+    owners.recover_stale(study)
+    dead, retry = study.get_trials()
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.params == {"x": 0.25} and retry.user_attrs["baseline"] == "avg"
+
+
 def test_fail_stale_running_requeues_once_and_stops_after_max_retry() -> None:
     study, trial = _running({"host": "elsewhere", "beat": 0.0, "pid": 1})
     assert fail_stale_running(study) == [0]

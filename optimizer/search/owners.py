@@ -27,6 +27,7 @@ from optimizer.search._optuna import storage_of, trial_id
 __all__ = [
     "MAX_RETRY",
     "STALE_SECONDS",
+    "UNOWNED_SECONDS",
     "fail_stale_running",
     "mark_owner",
     "owner_alive",
@@ -39,6 +40,11 @@ __all__ = [
 MAX_RETRY = 3
 #: A journal trial owned by a process on another machine counts as dead after this long without a beat.
 STALE_SECONDS = 1800.0
+#: A RUNNING trial with no owner recorded counts as dead after this long. A live worker writes the
+#: owner the moment it takes a trial (the first thing its objective does), so only a worker killed
+#: in that moment leaves one; the heartbeat does not cover it either (killed before its first beat),
+#: and a resumed search would otherwise wait for it for STALE_SECONDS.
+UNOWNED_SECONDS = 120.0
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -98,14 +104,14 @@ def owner_alive(trial: FrozenTrial, *, stale_after: float = STALE_SECONDS) -> bo
       for the owner.
     * Owner on another machine (or this one before a reboot): its pid means nothing here, so it
       counts as alive until its last beat is ``stale_after`` seconds old.
-    * No owner recorded (a trial popped a moment ago, or run by code that does not call
-      :func:`mark_owner`): alive until ``stale_after`` seconds after the trial started.
+    * No owner recorded (a trial popped a moment ago): alive until :data:`UNOWNED_SECONDS` (or
+      ``stale_after``, if shorter) after the trial started.
     """
     now = time.time()
     owner = trial.user_attrs.get(attrs.OWNER)
     if not isinstance(owner, dict):
         started = trial.datetime_start.timestamp() if trial.datetime_start else now
-        return now - started < stale_after
+        return now - started < min(stale_after, UNOWNED_SECONDS)
     me = this_process()
     if owner.get("host") != me["host"] or owner.get("boot") != me["boot"]:
         return now - float(owner.get("beat", 0.0)) < stale_after
@@ -147,14 +153,15 @@ def fail_stale_running(
     same from the heartbeat when the worker starts its next trial. With ``provably_dead_only``
     it acts on any storage, but only on trials whose owner ran on this machine and is gone: a
     fact, where the heartbeat needs its grace period to tell, and the last live worker may
-    finish before then.
+    finish before then; and on trials that never got an owner (:data:`UNOWNED_SECONDS`), which
+    no heartbeat covers.
     """
     storage = storage_of(study)
     if not provably_dead_only and getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
         return []
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if provably_dead_only and not _owner_here(t):
+        if provably_dead_only and not (_owner_here(t) or t.user_attrs.get(attrs.OWNER) is None):
             continue
         if owner_alive(t, stale_after=stale_after):
             continue
