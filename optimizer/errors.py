@@ -25,3 +25,8 @@ class ModelError(MergeoptError):
 
 class DataError(MergeoptError):
     """Task data is missing, empty, or lacks the fields its metric needs."""
+
+
+#: Marks a mergeopt error inside a vLLM worker's message: vLLM passes a worker's exception on as
+#: text, and the engine (``optimizer.engines.vllm_engine.worker_error``) rebuilds it from the tag.
+WORKER_ERROR_TAG = "[mergeopt] "

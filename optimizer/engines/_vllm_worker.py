@@ -26,7 +26,7 @@ import torch
 from optimizer.checkpoints import ModelSet, iter_tensors, model_config, read_shapes
 from optimizer.engines._allocator import retain_freed_memory
 from optimizer.engines._tp_shards import ShardLayout, iter_merged_sharded, record_shards
-from optimizer.errors import MergeoptError, ModelError
+from optimizer.errors import WORKER_ERROR_TAG, MergeoptError, ModelError
 from optimizer.families import family_of
 from optimizer.low_rank import Delta
 from optimizer.low_rank import nbytes as delta_bytes
@@ -40,8 +40,6 @@ from optimizer.merge.study_data import bind
 __all__ = ["MergeWorkerExtension"]
 
 T = TypeVar("T")
-#: Marks mergeopt's own errors in a worker's message (see vllm_engine.worker_error).
-ERROR_TAG = "[mergeopt] "
 
 
 class MergeWorkerExtension:
@@ -52,7 +50,7 @@ class MergeWorkerExtension:
         try:
             return self._mergeopt_load(*args, **kwargs)
         except MergeoptError as exc:
-            raise type(exc)(f"{ERROR_TAG}{type(exc).__name__}: {exc}") from None
+            raise type(exc)(f"{WORKER_ERROR_TAG}{type(exc).__name__}: {exc}") from None
 
     def _mergeopt_load(
         self,
@@ -106,7 +104,6 @@ class MergeWorkerExtension:
             "tensors": len(self.mergeopt_base),
             "bytes": held,
             "device": str(param.device),
-            "sharded": len(layout.shards) if layout is not None else 0,
         }
 
     @torch.no_grad()

@@ -21,17 +21,15 @@ from typing import Any
 from optimizer.checkpoints import ModelSet
 from optimizer.config import VllmConfig
 from optimizer.engines.base import Engine, GenerateBatch, LogLikelihood
-from optimizer.errors import ConfigError, MergeoptError
+from optimizer.errors import WORKER_ERROR_TAG, ConfigError, MergeoptError
 from optimizer.merge.plan import MergePlan
 from optimizer.merge.streaming import Placement
 from optimizer.tokens import encode, encode_pair
 
-__all__ = ["ERROR_TAG", "VLLMEngine", "cpu_binding", "worker_error"]
+__all__ = ["VLLMEngine", "cpu_binding", "worker_error"]
 
 _EXTENSION = "optimizer.engines._vllm_worker.MergeWorkerExtension"
-#: Marks a mergeopt error in a worker's message (kept in step with _vllm_worker.ERROR_TAG, which
-#: this module must not import: it would import vLLM's worker-side code into the study process).
-ERROR_TAG = "[mergeopt] "
+
 #: Seconds to let vLLM's engine-core process exit on its own at close before it is killed.
 _SHUTDOWN_S = 20.0
 #: KV cache of the CPU build (GiB) unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise.
@@ -60,13 +58,13 @@ def worker_error(exc: BaseException) -> MergeoptError | None:
     """The user-facing error a worker raised, rebuilt from vLLM's wrapper around it (None if none).
 
     vLLM passes a worker's exception on as text ("Worker failed with error '…'"), losing its type;
-    the worker tags mergeopt's own errors (:data:`ERROR_TAG`) so
+    the worker tags mergeopt's own errors (:data:`~optimizer.errors.WORKER_ERROR_TAG`) so
     that a refusal found only once the model is in the worker (vLLM's CPU expert padding, say) is
     still one line and exit code 2.
     """
     import optimizer.errors as errors
 
-    found = re.search(re.escape(ERROR_TAG) + r"(\w+): (.*?)'?(?:, please check|$)", str(exc), re.S)
+    found = re.search(re.escape(WORKER_ERROR_TAG) + r"(\w+): (.*?)'?(?:, please check|$)", str(exc), re.S)
     if found is None:
         return None
     kind = getattr(errors, found.group(1), errors.MergeoptError)
