@@ -38,7 +38,7 @@ demo: setup
 test: setup system
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 lint: setup
 	$(BIN)/ruff check .

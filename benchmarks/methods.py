@@ -18,12 +18,13 @@ Grams and HILA's golden data and importances are measured once, beside the work 
 ``--variant alt`` runs the seed methods' alternatives to their defaults (issue 22), in a work
 folder of its own: RegMean's Grams on the search examples with α = 0.9 (mergeopt's earlier
 default), Hi-Merging's per-model grid with probes at the models' own scales and the embedding
-and head probed (mergeopt's earlier procedure), HILA pruned at per-model quantiles.
+and head probed (mergeopt's earlier procedure), HILA pruned at one global quantile (its default
+before the per-model quantiles won here).
 ``--variant alpha09``: RegMean on its calibration text (the default) with α = 0.9, which tells
 the two changes to RegMean's defaults apart.
 
     .venv/bin/python benchmarks/methods.py [--trials 24] [--engine vllm|hf] [--quick] [--methods a,b]
-        [--variant default|alt] [--out F]
+        [--variant default|alt] [--zoo tiny|real] [--rounds N] [--out F]
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _variant(config: dict, method: str, variant: str, limit: int) -> dict:
             objective["calibration_split"] = "search"
         return {**config, "calibration": {"examples": limit}, "options": {"alpha": 0.9}}
     if method == "hila":
-        return {**config, "options": {"per_model": True}}
+        return {**config, "options": {"per_model": False}}
     return config
 
 
@@ -178,6 +179,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results file name (default methods.json, methods-quick.json)")
     parser.add_argument("--variant", choices=tuple(HI_MERGING), default="default", help="the seed methods' settings")
     parser.add_argument("--zoo", choices=("tiny", "real"), default="tiny", help="real: the SmolLM2 zoo (--trials 0)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="Hi-Merging's analysis rounds (default: the variant's, 2); each round probes every layer",
+    )
     args = parser.parse_args()
     if args.quick:
         args.trials, args.limit, args.held_out = 4, 8, 32
@@ -246,7 +253,8 @@ def main() -> None:
             from optimizer.search.warm_starts import StudyProbe
 
             t0 = time.perf_counter()
-            result = hi_merging(StudyProbe(prep, engine), method="hi_merging", **HI_MERGING[args.variant])
+            settings = {**HI_MERGING[args.variant], **({"rounds": args.rounds} if args.rounds else {})}
+            result = hi_merging(StudyProbe(prep, engine), method="hi_merging", **settings)
             held = _held_out(engine, prep, result.plan)
             row["search"] = {
                 "held_out": held,
@@ -286,7 +294,10 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
         "engine": args.engine,
         "variant": args.variant,
-        "hi_merging": {k: list(v) if isinstance(v, tuple) else v for k, v in HI_MERGING[args.variant].items()},
+        "hi_merging": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in {**HI_MERGING[args.variant], **({"rounds": args.rounds} if args.rounds else {})}.items()
+        },
         "trials": args.trials,
         "search_examples": args.limit,
         "held_out_examples": args.held_out,

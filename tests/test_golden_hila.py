@@ -440,11 +440,12 @@ def test_hila_with_no_pruning_and_infinite_temperature_is_lambda_times_the_avera
 
 
 def test_hila_near_full_pruning_keeps_only_the_most_important_model_unit(zoo_state, units):
+    """With one global quantile (``per_model: false``), q → 1 keeps a single (model, unit) pair."""
     base, deltas = zoo_state
     importance = _random_importance(units)
     importance["sort"]["L02.attn.h1"] = 1.0  # the unique maximum
     method = hila_method(importance, units, models=TASKS)
-    plan = MergePlan("hila", TASKS, options={"q": 1 - 1e-9, "T": 1.0, "lambda": 0.5})
+    plan = MergePlan("hila", TASKS, options={"q": 1 - 1e-9, "T": 1.0, "lambda": 0.5, "per_model": False})
     merged = merge_state_dict(plan, base, deltas, method)
     q, o = "model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.o_proj.weight"
     sort = 1  # TASKS order
@@ -461,23 +462,23 @@ def test_hila_near_full_pruning_keeps_only_the_most_important_model_unit(zoo_sta
 def test_softmax_weights_favour_the_more_important_model():
     importance = {"a": {"u": 0.03, "v": -0.01}, "b": {"u": 0.01, "v": 0.02}}
     s = (0.03 + 0.01 + 0.01 + 0.02) / 4  # T is in units of the mean |I|
-    coeffs = hila_coefficients(importance, ("a", "b"), ("u", "v"), q=0.0, T=1.0)
+    coeffs = hila_coefficients(importance, ("a", "b"), ("u", "v"), q=0.0, T=1.0, per_model=False)
     expected_a = math.exp(0.03 / s) / (math.exp(0.03 / s) + math.exp(0.01 / s))
     assert coeffs["u"] == pytest.approx((expected_a, 1 - expected_a))
     assert coeffs["u"][0] > coeffs["u"][1] and coeffs["v"][1] > coeffs["v"][0]
-    sharp = hila_coefficients(importance, ("a", "b"), ("u", "v"), q=0.0, T=0.01)
+    sharp = hila_coefficients(importance, ("a", "b"), ("u", "v"), q=0.0, T=0.01, per_model=False)
     assert sharp["u"][0] == pytest.approx(1.0) and sharp["v"][1] == pytest.approx(1.0)
     # q = 0.25 prunes the one pair below the lower quartile, (a, v): b alone carries v.
-    assert hila_coefficients(importance, ("a", "b"), ("u", "v"), q=0.25, T=1.0)["v"] == (0.0, 1.0)
+    assert hila_coefficients(importance, ("a", "b"), ("u", "v"), q=0.25, T=1.0, per_model=False)["v"] == (0.0, 1.0)
 
 
 def test_per_model_quantiles_keep_each_models_share_when_one_models_importances_are_larger():
     # Model a's golden task is harder: every importance of a is ten times b's.
     importance = {"a": {"u": 1.0, "v": 2.0, "w": 3.0, "x": 4.0}, "b": {"u": 0.4, "v": 0.3, "w": 0.2, "x": 0.1}}
     names = ("u", "v", "w", "x")
-    shared = hila_coefficients(importance, ("a", "b"), names, q=0.5, T=1.0)
+    shared = hila_coefficients(importance, ("a", "b"), names, q=0.5, T=1.0, per_model=False)
     assert all(c[1] == 0.0 for c in shared.values())  # one global quantile prunes all of b
-    own = hila_coefficients(importance, ("a", "b"), names, q=0.5, T=1.0, per_model=True)
+    own = hila_coefficients(importance, ("a", "b"), names, q=0.5, T=1.0)  # per-model: the default
     kept = {m: [u for u in names if own[u][i] > 0] for i, m in enumerate(("a", "b"))}
     assert kept == {"a": ["w", "x"], "b": ["u", "v"]}  # each model its own top half
     # Units only one model keeps go to that model whole; the per-model option reaches the merge.
@@ -487,9 +488,9 @@ def test_per_model_quantiles_keep_each_models_share_when_one_models_importances_
     fn = HilaMerge({"a": {"u": 1.0}, "b": {"u": 0.1}}, ("a", "b"), (unit,))
     base, deltas = torch.zeros(1, 2), [torch.ones(1, 2), 2 * torch.ones(1, 2)]
     params = [ModelParams(), ModelParams()]
-    merged = fn(name, base, deltas, params, {"q": 0.5, "T": 1.0, "per_model": True}, torch.Generator())
+    merged = fn(name, base, deltas, params, {"q": 0.5, "T": 1.0}, torch.Generator())  # HILA's default
     torch.testing.assert_close(merged, torch.tensor([[1.5, 1.5]]))  # both kept, equal weights
-    merged = fn(name, base, deltas, params, {"q": 0.5, "T": 1.0}, torch.Generator())
+    merged = fn(name, base, deltas, params, {"q": 0.5, "T": 1.0, "per_model": False}, torch.Generator())
     torch.testing.assert_close(merged, torch.tensor([[1.0, 1.0]]))  # globally only a's pair survives
 
 
