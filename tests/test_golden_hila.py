@@ -371,6 +371,41 @@ def test_exact_importance_matches_the_engine_on_hand_written_weights(importance,
     assert exact[model][unit.name] > 0
 
 
+def test_unit_passes_skip_the_layers_below_the_unit_and_measure_the_same(importance, prepared, golden_dir, units):
+    """A unit's pass starts from the specialist's recorded layer outputs below it: the whole table is
+    the one every layer computed every time gives, bit for bit, and a last-layer unit's pass runs
+    the last layer only (or, where the budget holds one layer's outputs, the layers above it)."""
+    from optimizer.merge.hila._importance import _golden_for, _Probe
+
+    exact, _ = importance  # measured with the default budget: every layer recorded
+    golden = golden_by_specialist(golden_dir)
+    assert importance_exact(prepared.models, golden, prefix_bytes=0) == exact
+
+    probe = _Probe(prepared.models, device="cpu", dtype=torch.float32, prefix_bytes=2**30)
+    batches, total = _golden_for(probe, golden, 16, ("prompt", "target"))["sort"]
+    layers = probe.prefix.layers
+    assert len(layers) >= 3
+    ran = Counter()
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_hook(lambda *_, i=i: ran.update([i]))
+    last = next(u for u in units if u.layer == len(layers) - 1 and u.kind == "mlp")
+    probe.load("sort")
+    full = probe.specialist_loss(batches, total)
+    one_layer = sum(b.ids.numel() for b in batches) * probe.model.config.hidden_size * 4
+    for budget, computed in ((2**30, [len(layers) - 1]), (one_layer, None)):
+        probe.prefix.budget = budget
+        probe.specialist_loss(batches, total)
+        recorded = sorted(probe.prefix.saved[0])
+        assert recorded == (list(range(len(layers) - 1)) if budget == 2**30 else [len(layers) // 2 - 1])
+        with probe.removed(last):
+            ran.clear()
+            skipped = probe.loss(batches, total, removed=last)
+            assert sorted(ran) == (computed or list(range(recorded[-1] + 1, len(layers))))
+            assert all(n == len(batches) for n in ran.values())
+            assert skipped == probe.loss(batches, total)  # every layer computed
+        assert skipped - full == exact["sort"][last.name]
+
+
 def _ranks(values: Sequence[float]) -> list[float]:
     order = sorted(range(len(values)), key=lambda i: values[i])
     ranks = [0.0] * len(values)
