@@ -322,6 +322,28 @@ def test_hila_mlp_unit_of_a_mixture_of_experts_is_every_expert_and_the_router(ti
     assert "model.layers.1.mlp.gate.weight" in owned and "model.layers.1.mlp.shared_expert_gate.weight" in owned
 
 
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_hila_importance_skips_the_layers_below_each_unit_and_measures_the_same(tiny, family: str) -> None:
+    """Each family's decoder stack is found under the units' own tensor names, and importance measured
+    from the recorded outputs of the layers below each unit (over ragged batches) is bit for bit the
+    importance measured by computing every layer."""
+    from transformers import AutoModelForCausalLM
+
+    from optimizer.merge.hila import importance_exact, unit_slices
+    from optimizer.merge.hila._prefix import PrefixCache
+
+    built = tiny(family)
+    models = ModelSet(built.base, built.specialists)
+    cache = PrefixCache(AutoModelForCausalLM.from_pretrained(str(models.base)))
+    units = unit_slices(model_config(models.base), read_shapes(models.base))
+    assert len(cache.layers) == 2 and {u.layer for u in units} == {0, 1}
+    assert all(s.tensor.startswith(f"{cache.prefix}.{u.layer}.") for u in units for s in u.slices)
+    golden = {m: [{"prompt": f"q{i} =", "target": f" a{i} b{i}"} for i in range(5)] for m in MODELS}
+    skipped = importance_exact(models, golden, device="cpu", batch_size=2)
+    assert skipped == importance_exact(models, golden, device="cpu", batch_size=2, prefix_bytes=0)
+    assert any(v != 0 for row in skipped.values() for v in row.values())
+
+
 @pytest.mark.parametrize("family", ["gemma2", "mixtral"])
 def test_vllm_merges_gemma2_and_a_mixture_of_experts_in_place_as_transformers_does(tiny, family: str) -> None:
     """Gemma 2 (its own norms, a tied head) and Mixtral (experts vLLM's CPU build packs for its
