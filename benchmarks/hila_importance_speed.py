@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -75,6 +76,7 @@ def main() -> None:
 
     from optimizer.checkpoints import load_state_dict, model_config
     from optimizer.merge.hila import _importance, importance_exact, unit_slices
+    from optimizer.merge.hila._prefix import DEFAULT_BUDGET
 
     models, golden = _inputs(args.zoo, args.golden)
     units = unit_slices(model_config(models.base), load_state_dict(models.base))[:: args.every]
@@ -82,14 +84,15 @@ def main() -> None:
     class _AllLogits(_importance._Probe):  # the "before" head: logits at every position
         def __init__(self, *a, **k) -> None:
             super().__init__(*a, **k)
-            self.positions = False
+            self.logits_at_targets = False
 
     def run(setting: str) -> tuple[float, dict]:
         original = _importance._Probe
         _importance._Probe = _AllLogits if setting == "before" else original  # type: ignore[misc]
         try:
+            budget = DEFAULT_BUDGET if setting == "head+prefix" else 0
             t0 = time.perf_counter()
-            table = importance_exact(models, golden, units=units, prefix_bytes=0 if setting != "head+prefix" else 2**31)
+            table = importance_exact(models, golden, units=units, prefix_bytes=budget)
             return time.perf_counter() - t0, table
         finally:
             _importance._Probe = original  # type: ignore[misc]
@@ -105,12 +108,13 @@ def main() -> None:
     worst = {
         s: max(abs(tables[s][m][u] - tables["before"][m][u]) for m in tables[s] for u in tables[s][m]) for s in settings
     }
-    assert tables["head+prefix"] == tables["head"], "skipping the prefix changed a loss"
+    if tables["head+prefix"] != tables["head"]:
+        raise SystemExit("skipping the layers below each unit changed a loss: a bug to report")
     best = {s: min(v) for s, v in seconds.items()}
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "zoo": args.zoo,
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores",
         "torch_threads": torch.get_num_threads(),
         "golden_per_specialist": args.golden,
         "units_measured": len(units),

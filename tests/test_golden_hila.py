@@ -374,7 +374,8 @@ def test_exact_importance_matches_the_engine_on_hand_written_weights(importance,
 def test_unit_passes_skip_the_layers_below_the_unit_and_measure_the_same(importance, prepared, golden_dir, units):
     """A unit's pass starts from the specialist's recorded layer outputs below it: the whole table is
     the one every layer computed every time gives, bit for bit, and a last-layer unit's pass runs
-    the last layer only (or, where the budget holds one layer's outputs, the layers above it)."""
+    the last layer only (or, where the budget holds one layer's outputs, the layers above it); a model
+    whose layers share more than their outputs is measured computing every layer."""
     from optimizer.merge.hila._importance import _golden_for, _Probe
 
     exact, _ = importance  # measured with the default budget: every layer recorded
@@ -390,11 +391,11 @@ def test_unit_passes_skip_the_layers_below_the_unit_and_measure_the_same(importa
         layer.mlp.register_forward_hook(lambda *_, i=i: ran.update([i]))
     last = next(u for u in units if u.layer == len(layers) - 1 and u.kind == "mlp")
     probe.load("sort")
-    full = probe.specialist_loss(batches, total)
+    full = probe.record_specialist(batches, total)
     one_layer = sum(b.ids.numel() for b in batches) * probe.model.config.hidden_size * 4
     for budget, computed in ((2**30, [len(layers) - 1]), (one_layer, None)):
         probe.prefix.budget = budget
-        probe.specialist_loss(batches, total)
+        probe.record_specialist(batches, total)
         recorded = sorted(probe.prefix.saved[0])
         assert recorded == (list(range(len(layers) - 1)) if budget == 2**30 else [len(layers) // 2 - 1])
         with probe.removed(last):
@@ -404,6 +405,24 @@ def test_unit_passes_skip_the_layers_below_the_unit_and_measure_the_same(importa
             assert all(n == len(batches) for n in ran.values())
             assert skipped == probe.loss(batches, total)  # every layer computed
         assert skipped - full == exact["sort"][last.name]
+
+    # A lower layer that hands an upper one more than its output (as Gemma 3n's shared key/value
+    # states do) fails the check after recording: nothing stays recorded, every layer is computed.
+    shared: dict[str, int] = {}
+
+    def writes(*args, _forward=layers[0].forward, **kwargs):
+        shared["kv"] = 1
+        return _forward(*args, **kwargs)
+
+    def reads(*args, _forward=layers[-1].forward, **kwargs):
+        shared.pop("kv")  # KeyError where layer 0 did not run
+        return _forward(*args, **kwargs)
+
+    layers[0].forward, layers[-1].forward = writes, reads
+    probe.prefix.budget = 2**30
+    assert probe.record_specialist(batches, total) == full and probe.prefix.saved == []
+    with probe.removed(last):
+        assert probe.loss(batches, total, removed=last) - full == exact["sort"][last.name]
 
 
 def _ranks(values: Sequence[float]) -> list[float]:

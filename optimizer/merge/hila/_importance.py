@@ -24,7 +24,7 @@ import torch
 from optimizer.checkpoints import ModelSet, load_state_dict, load_task_vector, model_config, torch_dtype
 from optimizer.errors import ConfigError, DataError
 from optimizer.low_rank import dense
-from optimizer.merge.hila._prefix import DEFAULT_BUDGET, PrefixCache
+from optimizer.merge.hila._prefix import DEFAULT_BUDGET, PrefixCache, text_config
 from optimizer.merge.hila._units import Unit, check_fits, unit_slices
 from optimizer.tokens import encode_pair
 
@@ -39,6 +39,7 @@ class _Batch:
     ids: torch.Tensor  # (B, T), right padded
     mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T): the token each position predicts, −100 outside responses
+    scored: torch.Tensor  # positions where some row predicts a response token (the logits needed)
 
 
 def _batches(
@@ -76,7 +77,7 @@ def _batches(
             # Position t predicts token t + 1: the response's tokens are predicted from len(ctx) − 1 on.
             labels[i, len(ctx) - 1 : len(seq) - 1] = torch.tensor(cont)
             total += len(cont)
-        batches.append(_Batch(ids, mask, labels))
+        batches.append(_Batch(ids, mask, labels, labels.ne(-100).any(0).nonzero().flatten()))
     return batches, total
 
 
@@ -105,7 +106,7 @@ class _Probe:
         self.prefix = PrefixCache(self.model, budget=prefix_bytes)
         # Logits only where a golden token is predicted: the head over every prompt position is
         # most of its cost on chat prompts, and the loss reads none of them.
-        self.positions = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.logits_at_targets = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def units(self, units: Sequence[Unit] | None) -> list[Unit]:
         chosen = list(units) if units is not None else unit_slices(model_config(self.models.base), self.base)
@@ -117,6 +118,7 @@ class _Probe:
     def load(self, model: str, at: float = 1.0) -> None:
         """Weights ← θ₀ + at·τₘ; τₘ (float32) is kept for removals and gradient products."""
         # One specialist's τ at a time, dense (an adapter's factors expanded for this measurement only).
+        self.prefix.clear()  # recorded for other weights
         self.tau = {k: dense(v) for k, v in load_task_vector(self.base, self.models.specialists[model], model).items()}
         for name, b in self.base.items():
             self.params[name].copy_(b + at * self.tau[name])
@@ -138,8 +140,8 @@ class _Probe:
     def _nll_sum(self, batch: _Batch) -> torch.Tensor:
         labels = batch.labels.to(self.device)
         kwargs: dict[str, object] = {}
-        if self.positions:
-            keep = labels.ne(-100).any(0).nonzero().flatten()
+        if self.logits_at_targets:
+            keep = batch.scored.to(self.device)
             kwargs["logits_to_keep"], labels = keep, labels[:, keep]
         ids, mask = batch.ids.to(self.device), batch.mask.to(self.device)
         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits
@@ -152,23 +154,41 @@ class _Probe:
         """Mean NLL per golden token (the ``nll`` metric's value), summed in float64.
 
         ``removed``: the unit whose delta the caller has removed; the passes skip the layers below
-        it that :meth:`specialist_loss` recorded (:mod:`~optimizer.merge.hila._prefix`).
+        it that :meth:`record_specialist` recorded (:mod:`~optimizer.merge.hila._prefix`).
         """
+        return self._loss(batches, total, self.prefix.start(removed) if removed is not None else None)
+
+    def _loss(self, batches: Sequence[_Batch], total: int, upto: int | None) -> float:
         nll = 0.0
-        with self.prefix.skipping(self.prefix.start(removed) if removed is not None else None):
+        with self.prefix.skipping(upto):
             for i, b in enumerate(batches):
                 self.prefix.batch = i
                 nll += float(self._nll_sum(b).double())
         return nll / total
 
     @torch.no_grad()
-    def specialist_loss(self, batches: Sequence[_Batch], total: int) -> float:
-        """The loaded specialist's loss, recording the decoder-layer outputs the unit passes reuse."""
-        hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
+    def record_specialist(self, batches: Sequence[_Batch], total: int) -> float:
+        """The loaded specialist's loss; its decoder-layer outputs are recorded for the unit passes.
+
+        The records are kept only where a pass that skips to the deepest recorded layer repeats
+        that loss bit for bit: a model whose layers hand each other more than their outputs fails
+        that check (or raises in it) and is then measured computing every layer.
+        """
+        config = text_config(self.model)
+        hidden = int(getattr(config, "hidden_size", 0) or 0)
         size = torch.finfo(self.model.dtype).bits // 8
         layer_bytes = sum(b.ids.numel() for b in batches) * hidden * size
         with self.prefix.record(len(batches), self.prefix.plan(layer_bytes) if hidden else []):
-            return self.loss(batches, total)
+            full = self._loss(batches, total, None)
+        deepest = self.prefix.deepest()
+        if deepest is not None:
+            try:
+                again = self._loss(batches, total, deepest)
+            except Exception:  # any failure of a skipping pass only means: compute every layer
+                again = None
+            if again != full:
+                self.prefix.clear()
+        return full
 
     def gradient_products(self, batches: Sequence[_Batch], total: int, units: Sequence[Unit]) -> dict[str, float]:
         """−∇L · τₘ,ᵤ for each unit, from one backward pass at the loaded weights."""
@@ -243,7 +263,7 @@ def importance_exact(
     for model in models.names:
         batches, total = data[model]
         probe.load(model)
-        full = probe.specialist_loss(batches, total)
+        full = probe.record_specialist(batches, total)
         row = {}
         for u in chosen:
             with probe.removed(u):

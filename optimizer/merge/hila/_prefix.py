@@ -12,18 +12,23 @@ Why this shape:
 
 * Each skipped layer returns the *recorded output object* of the last skipped layer, whatever
   its structure (a tensor, or a tuple in older architectures): the model's own loop unpacks it
-  as it unpacks a real layer's output, so no architecture's calling convention is assumed. A
-  skipped layer's own inputs are ignored, so what the earlier skipped layers hand it is moot.
+  as it unpacks a real layer's output. What the skipped layers would have handed each other
+  besides their outputs is lost, though: an architecture whose loop carries state from lower to
+  upper layers (Gemma 3n's and Gemma 4's shared key/value states) would fail or differ. So the
+  caller checks, once per specialist, that a pass skipping to the deepest recorded layer repeats
+  the recorded loss bit for bit, and forgets the records (computing every layer) where it does
+  not (:meth:`PrefixCache.clear`).
 * Only what fits ``budget`` bytes is recorded: every layer where it fits, else evenly spaced
-  layers (a unit then starts from the nearest recorded layer below its own). Golden sets that do
-  not fit one layer's outputs are measured without skipping.
+  layers (a unit then starts from the nearest recorded layer below its own). The plan uses the
+  hidden states' size; outputs that turn out larger (attention weights returned beside them)
+  are dropped after the pass rather than held past the budget.
 * A unit whose tensors do not all lie under ``<stack>.<L>.`` (the layer index the units name) is
   measured whole: skipping is an optimisation and never a guess.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,24 +36,32 @@ import torch
 
 from optimizer.merge.hila._units import Unit
 
-__all__ = ["DEFAULT_BUDGET", "PrefixCache"]
+__all__ = ["DEFAULT_BUDGET", "PrefixCache", "text_config"]
 
 #: Bytes of recorded layer outputs kept per specialist (the golden batches' hidden states).
 DEFAULT_BUDGET = 2 * 2**30
 
 
+def text_config(model: torch.nn.Module) -> Any:
+    """The decoder's config (a multimodal checkpoint keeps its layer count under ``text_config``)."""
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    return getter(decoder=True) if callable(getter) else config
+
+
 def _decoder_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
     """The model's list of decoder layers and its qualified name, or None where it is not plain."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    n = getattr(text_config(model), "num_hidden_layers", None)
     found = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n and name.split(".")[-1] in {"layers", "h"}
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and name.split(".")[-1] == "layers"
     ]
     return found[0] if len(found) == 1 else None
 
 
 def _nbytes(output: object) -> int:
+    """Bytes of the tensors in a layer's output (a tensor, or tuples/lists of them)."""
     if isinstance(output, torch.Tensor):
         return output.numel() * output.element_size()
     if isinstance(output, (tuple, list)):
@@ -86,26 +99,38 @@ class PrefixCache:
         return sorted({(j + 1) * n // (affordable + 1) - 1 for j in range(affordable)})
 
     @contextmanager
-    def record(self, batches: int, layers: Sequence[int]) -> Iterator[None]:
-        """Inside the block, each forward pass records ``layers``' outputs for batch :attr:`batch`."""
-        self.saved = [{} for _ in range(batches)]
+    def record(self, n_batches: int, layers: Sequence[int]) -> Iterator[None]:
+        """Inside the block, each forward pass records ``layers``' outputs for batch :attr:`batch`.
 
-        def hook(i: int) -> Any:
+        Records from a block that raised, or larger than the budget, are dropped.
+        """
+        self.saved = [{} for _ in range(n_batches)]
+
+        def saver(i: int) -> Callable[[torch.nn.Module, object, object], None]:
             def save(_module: torch.nn.Module, _args: object, output: object) -> None:
                 self.saved[self.batch][i] = output
 
             return save
 
-        handles = [self.layers[i].register_forward_hook(hook(i)) for i in layers]
+        handles = [self.layers[i].register_forward_hook(saver(i)) for i in layers]
         try:
             yield
+        except BaseException:
+            self.clear()
+            raise
         finally:
             for h in handles:
                 h.remove()
+        if sum(_nbytes(out) for per_batch in self.saved for out in per_batch.values()) > self.budget:
+            self.clear()
+
+    def deepest(self) -> int | None:
+        """The deepest recorded layer, or None when nothing is recorded."""
+        return max(self.saved[0]) if self.saved and self.saved[0] else None
 
     def start(self, unit: Unit) -> int | None:
         """The recorded layer a pass for ``unit`` may start after, or None: compute every layer."""
-        if not self.saved or not self.saved[0]:
+        if self.deepest() is None:
             return None
         under = f"{self.prefix}.{unit.layer}."
         if not all(s.tensor.startswith(under) for s in unit.slices):
@@ -137,5 +162,5 @@ class PrefixCache:
                     layer.forward = forward
 
     def clear(self) -> None:
-        """Drop the recorded outputs (the next specialist records its own)."""
+        """Forget the recorded outputs: every pass computes every layer until the next recording."""
         self.saved = []
