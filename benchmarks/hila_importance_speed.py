@@ -13,6 +13,7 @@ Each setting's table must equal the others' (the head setting changes only which
 computed, so its losses may differ in the last bits; the prefix setting repeats them exactly).
 
     .venv/bin/python benchmarks/hila_importance_speed.py [--zoo real|tiny] [--golden 16] [--every 4] [--rounds 2]
+        [--model NAME]
 """
 
 from __future__ import annotations
@@ -69,16 +70,20 @@ def main() -> None:
     parser.add_argument("--golden", type=int, default=16, help="golden answers per specialist")
     parser.add_argument("--every", type=int, default=4, help="measure every n-th unit (all layers stay covered)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the three settings")
+    parser.add_argument("--model", default=None, help="measure this specialist only (default: every one)")
     parser.add_argument("--out", default=None, help="results file (default hila_importance_speed_<zoo>.json)")
     args = parser.parse_args()
 
     import torch
 
-    from optimizer.checkpoints import load_state_dict, model_config
+    from optimizer.checkpoints import ModelSet, load_state_dict, model_config
     from optimizer.merge.hila import _importance, importance_exact, unit_slices
     from optimizer.merge.hila._prefix import DEFAULT_BUDGET
 
     models, golden = _inputs(args.zoo, args.golden)
+    if args.model:
+        models = ModelSet(models.base, {args.model: models.specialists[args.model]})
+        golden = {args.model: golden[args.model]}
     units = unit_slices(model_config(models.base), load_state_dict(models.base))[:: args.every]
 
     class _AllLogits(_importance._Probe):  # the "before" head: logits at every position
@@ -118,7 +123,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "golden_per_specialist": args.golden,
         "units_measured": len(units),
-        "specialists": len(golden),
+        "specialists": sorted(golden),
         "seconds": seconds,
         "speedup_vs_before": {s: round(best["before"] / best[s], 2) for s in settings},
         "max_abs_difference_vs_before": worst,
