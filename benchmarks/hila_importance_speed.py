@@ -81,6 +81,8 @@ def main() -> None:
     from optimizer.merge.hila._prefix import DEFAULT_BUDGET
 
     models, golden = _inputs(args.zoo, args.golden)
+    if args.model and args.model not in golden:
+        parser.error(f"--model {args.model}: no specialist of that name (have: {', '.join(sorted(golden))})")
     if args.model:
         models = ModelSet(models.base, {args.model: models.specialists[args.model]})
         golden = {args.model: golden[args.model]}

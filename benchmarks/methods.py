@@ -198,6 +198,8 @@ def main() -> None:
         make = lambda _zoo, method, **kw: _real_config(method, **kw)  # noqa: E731
     else:
         build_zoo(zoo)
+    # Hi-Merging's procedure settings: the variant's, with --rounds over its rounds.
+    hi_settings = {**HI_MERGING[args.variant], **({"rounds": args.rounds} if args.rounds else {})}
     work = WORK if args.variant == "default" else WORK.with_name(f"methods-{args.variant}")
     if args.zoo == "real":
         work = work.with_name(work.name + "-real")
@@ -253,8 +255,7 @@ def main() -> None:
             from optimizer.search.warm_starts import StudyProbe
 
             t0 = time.perf_counter()
-            settings = {**HI_MERGING[args.variant], **({"rounds": args.rounds} if args.rounds else {})}
-            result = hi_merging(StudyProbe(prep, engine), method="hi_merging", **settings)
+            result = hi_merging(StudyProbe(prep, engine), method="hi_merging", **hi_settings)
             held = _held_out(engine, prep, result.plan)
             row["search"] = {
                 "held_out": held,
@@ -294,10 +295,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores",
         "engine": args.engine,
         "variant": args.variant,
-        "hi_merging": {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in {**HI_MERGING[args.variant], **({"rounds": args.rounds} if args.rounds else {})}.items()
-        },
+        "hi_merging": {k: list(v) if isinstance(v, tuple) else v for k, v in hi_settings.items()},
         "trials": args.trials,
         "search_examples": args.limit,
         "held_out_examples": args.held_out,

@@ -24,7 +24,7 @@ import torch
 from optimizer.checkpoints import ModelSet, load_state_dict, load_task_vector, model_config, torch_dtype
 from optimizer.errors import ConfigError, DataError
 from optimizer.low_rank import dense
-from optimizer.merge.hila._prefix import DEFAULT_BUDGET, PrefixCache, text_config
+from optimizer.merge.hila._prefix import DEFAULT_BUDGET, PrefixCache
 from optimizer.merge.hila._units import Unit, check_fits, unit_slices
 from optimizer.tokens import encode_pair
 
@@ -174,8 +174,7 @@ class _Probe:
         that loss bit for bit: a model whose layers hand each other more than their outputs fails
         that check (or raises in it) and is then measured computing every layer.
         """
-        config = text_config(self.model)
-        hidden = int(getattr(config, "hidden_size", 0) or 0)
+        hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
         size = torch.finfo(self.model.dtype).bits // 8
         layer_bytes = sum(b.ids.numel() for b in batches) * hidden * size
         with self.prefix.record(len(batches), self.prefix.plan(layer_bytes) if hidden else []):

@@ -36,22 +36,19 @@ import torch
 
 from optimizer.merge.hila._units import Unit
 
-__all__ = ["DEFAULT_BUDGET", "PrefixCache", "text_config"]
+__all__ = ["DEFAULT_BUDGET", "PrefixCache"]
 
 #: Bytes of recorded layer outputs kept per specialist (the golden batches' hidden states).
 DEFAULT_BUDGET = 2 * 2**30
 
 
-def text_config(model: torch.nn.Module) -> Any:
-    """The decoder's config (a multimodal checkpoint keeps its layer count under ``text_config``)."""
-    config = getattr(model, "config", None)
-    getter = getattr(config, "get_text_config", None)
-    return getter(decoder=True) if callable(getter) else config
-
-
 def _decoder_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
-    """The model's list of decoder layers and its qualified name, or None where it is not plain."""
-    n = getattr(text_config(model), "num_hidden_layers", None)
+    """The model's list of decoder layers and its qualified name, or None where it is not plain.
+
+    The layer count is the top-level ``num_hidden_layers`` that HILA's units are built from
+    (:func:`~optimizer.merge.hila._units.unit_slices` refuses a config without one).
+    """
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     found = [
         (name, module)
         for name, module in model.named_modules()
