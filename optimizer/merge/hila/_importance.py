@@ -267,7 +267,6 @@ def importance_exact(
         for u in chosen:
             with probe.removed(u):
                 row[u.name] = probe.loss(batches, total, removed=u) - full
-        probe.prefix.clear()
         out[model] = row
     return out
 
